@@ -1,0 +1,52 @@
+"""dynamics: training-dynamics signals for multi-task models.
+
+The public API is small and imported lazily, so that ``import dynamics`` inside a training script
+pulls in nothing heavy: the store writer needs pyarrow, the probe needs torch, the Trainer adapter
+needs transformers, and the analysis side (pandas, scipy) is only loaded by ``load_runs``.
+
+    from dynamics import RunWriter, load_runs      # run store
+    from dynamics import probe, ProbeResult        # signals on one probe batch
+    from dynamics import attach, DynamicsCallback  # Hugging Face Trainer hooks
+    from dynamics import LoopRecorder              # plain PyTorch loop hooks
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved on first attribute access (PEP 562).
+_LAZY = {
+    "RunWriter": "dynamics.store.writer",
+    "load_runs": "dynamics.store.reader",
+    "RunSet": "dynamics.store.reader",
+    "probe": "dynamics.probe",
+    "ProbeResult": "dynamics.probe",
+    "attach": "dynamics.integrations.hf",
+    "DynamicsCallback": "dynamics.integrations.hf",
+    "LoopRecorder": "dynamics.integrations.loop",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dynamics.integrations.hf import DynamicsCallback, attach
+    from dynamics.integrations.loop import LoopRecorder
+    from dynamics.probe import ProbeResult, probe
+    from dynamics.store.reader import RunSet, load_runs
+    from dynamics.store.writer import RunWriter
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dynamics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
