@@ -81,9 +81,12 @@ def import_tb_cmd(
     logdir: Annotated[Path, typer.Argument(help="A TensorBoard log directory (searched recursively).")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the run stores (one per event directory).")],
     tasks: Annotated[
-        list[str] | None, typer.Option("--task", help="Declare a task name (repeatable); default: from dynamics/ tags.")
+        list[str] | None,
+        typer.Option("--task", help="Declare a task name (repeatable); default: from dynamics/ tags."),
     ] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", help="KEY=VALUE tag for every imported run (repeatable).")] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", help="KEY=VALUE tag for every imported run (repeatable).")
+    ] = None,
 ) -> None:
     """Import TensorBoard event files (e.g. an HF run with report_to="tensorboard") into run stores."""
     from dynamics.store.tensorboard import import_tensorboard
@@ -97,6 +100,57 @@ def import_tb_cmd(
 
 
 # ---- report commands (dynamics.report) -------------------------------------------------------
+
+_GROUP_HELP = "Tag whose groups are compared (default: construction, if it has two or more values)."
+_PAIR_HELP = "Comma-separated tags that pair runs across groups (default: model,seed where present)."
+_TARGET_HELP = "Final score to explain: multitask_score or score/<task>/<metric>."
+
+
+@app.command("report")
+def report_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Run directories, folders of runs, or globs.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The PDF to write, e.g. report.pdf.")],
+    group: Annotated[str | None, typer.Option("--group", help=_GROUP_HELP)] = None,
+    pair: Annotated[str | None, typer.Option("--pair", help=_PAIR_HELP)] = None,
+    target: Annotated[str, typer.Option("--target", help=_TARGET_HELP)] = "multitask_score",
+    figures: Annotated[Path | None, typer.Option("--figures", help="Also write each page as PNG and SVG here.")] = None,
+    title: Annotated[str | None, typer.Option("--title", help="Headline of the first page.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """A multi-page PDF: runs and key findings, curves, gradient geometry, Fisher spectrum, statistics."""
+    from dynamics.report import build_report
+
+    try:
+        result = build_report(
+            [str(p) for p in paths], out, group=group, pair=pair, target=target, figures_dir=figures, title=title,
+            progress=progress,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(err) from err
+    typer.echo(f"wrote {result.path} ({result.n_pages} pages, {result.seconds:.1f} s)")
+    for page, reason in result.skipped.items():
+        typer.echo(f"  left out {page}: {reason}")
+    if result.figures:
+        typer.echo(f"  {len(result.figures)} figure files in {figures}")
+
+
+@app.command("summary")
+def summary_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Run directories, folders of runs, or globs.")],
+    group: Annotated[str | None, typer.Option("--group", help=_GROUP_HELP)] = None,
+    pair: Annotated[str | None, typer.Option("--pair", help=_PAIR_HELP)] = None,
+    target: Annotated[str, typer.Option("--target", help=_TARGET_HELP)] = "multitask_score",
+    rows: Annotated[int, typer.Option("--rows", min=1, help="Rows per table.")] = 15,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """The report's key tables and findings in the terminal."""
+    from dynamics.report import print_summary
+
+    try:
+        print_summary([str(p) for p in paths], group=group, pair=pair, target=target, max_rows=rows, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        raise _fail(err) from err
+
 
 
 # ---- reproduce commands (dynamics.experiments) -----------------------------------------------

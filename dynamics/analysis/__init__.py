@@ -1,1 +1,38 @@
+"""Statistics on run collections: features per run, group comparisons, correlations, forecasts.
 
+    from dynamics import load_runs
+    from dynamics.analysis import features, compare, correlate, forecast
+
+    runs = load_runs("out/")
+    feats = features(runs)                                           # one row per run
+    compare(feats, by="construction", pair_on=("model", "seed"))     # IMAX vs DMAX, per feature
+    correlate(feats, target="multitask_score", control="model")      # which signals go with the score
+    forecast(runs, fractions=(0.1, 0.25), group="model")             # early training -> final score
+
+Analysis side: pandas, scipy and statsmodels; never the trainer integrations or torch.
+"""
+
+from __future__ import annotations
+
+from dynamics.analysis.compare import compare
+from dynamics.analysis.correlate import correlate, partial_correlation
+from dynamics.analysis.features import features
+from dynamics.analysis.forecast import forecast
+from dynamics.analysis.loss_curvature import loss_curvature
+from dynamics.analysis.mixed import MixedResult, mixed_model
+from dynamics.analysis.multiple_testing import adjust_pvalues
+from dynamics.analysis.scores import delta_m, multitask_score
+
+__all__ = [
+    "features",
+    "compare",
+    "correlate",
+    "partial_correlation",
+    "mixed_model",
+    "MixedResult",
+    "forecast",
+    "multitask_score",
+    "delta_m",
+    "loss_curvature",
+    "adjust_pvalues",
+]

@@ -60,7 +60,9 @@ class RunSet:
             raise ValueError("runs needs a 'run_id' column")
         missing = {"run_id", *_METRIC_DTYPES} - set(metrics.columns)
         if missing:
-            raise ValueError(f"metrics lacks columns {sorted(missing)}; expected run_id, step, name, task, task_b, value")
+            raise ValueError(
+                f"metrics lacks columns {sorted(missing)}; expected run_id, step, name, task, task_b, value"
+            )
         metrics = metrics.copy()
         for col in ("task", "task_b"):
             if col not in metrics:
@@ -120,7 +122,9 @@ def find_run_dirs(paths_or_globs: str | os.PathLike[str] | Iterable[str | os.Pat
         for match in matches:
             path = Path(match)
             if not path.exists():
-                raise FileNotFoundError(f"{path} does not exist; pass a run directory (one holding run.json) or a folder of runs")
+                raise FileNotFoundError(
+                    f"{path} does not exist; pass a run directory (one holding run.json) or a folder of runs"
+                )
             if (path / schema.RUN_FILE).is_file():
                 found.append(path)
                 continue

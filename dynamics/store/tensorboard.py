@@ -68,7 +68,9 @@ def import_tensorboard(
     """
     logdir, out_dir = Path(logdir), Path(out_dir)
     if not logdir.is_dir():
-        raise FileNotFoundError(f"{logdir} is not a directory; pass the TensorBoard log directory (the one given to --logdir)")
+        raise FileNotFoundError(
+            f"{logdir} is not a directory; pass the TensorBoard log directory (the one given to --logdir)"
+        )
     event_dirs = _event_dirs(logdir)
     if not event_dirs:
         raise ValueError(f"no TensorBoard event files ({_EVENT_GLOB}) under {logdir}")
@@ -89,7 +91,9 @@ def import_tensorboard(
         if (run_dir / schema.RUN_FILE).exists():
             raise ValueError(f"{run_dir} already holds a run; import into an empty OUT_DIR")
         run_tags = {"source": str(rel), **dict(tags or {})}
-        with RunWriter(run_dir, tasks=run_tasks, tags=run_tags, meta={"imported_from": str(event_dir)}) as writer:
+        with RunWriter(
+            run_dir, tasks=run_tasks, tags=run_tags, meta={"imported_from": str(event_dir)}
+        ) as writer:
             for tag, (steps, values) in scalars.items():
                 name, task, task_b = parsed[tag]
                 writer.log_many(steps, name, values, task, task_b)

@@ -168,7 +168,9 @@ class RunWriter:
             }
             self._write_info()
         existing = sorted(metrics_dir.glob(f"{schema.PART_PREFIX}*{schema.PART_SUFFIX}"))
-        self._next_part = 1 + max((int(p.name[len(schema.PART_PREFIX) : -len(schema.PART_SUFFIX)]) for p in existing), default=-1)
+        self._next_part = 1 + max(
+            (int(p.name[len(schema.PART_PREFIX) : -len(schema.PART_SUFFIX)]) for p in existing), default=-1
+        )
         _OPEN_WRITERS.add(self)
         _install_sigterm_handler()
 

@@ -17,7 +17,10 @@ TASKS = ["a", "b"]
 
 
 def test_unknown_task_names_the_declared_tasks(tmp_path):
-    with RunWriter(tmp_path / "r", tasks=TASKS) as w, pytest.raises(ValueError, match=r"unknown task 'c'.*\['a', 'b'\]"):
+    with (
+        RunWriter(tmp_path / "r", tasks=TASKS) as w,
+        pytest.raises(ValueError, match=r"unknown task 'c'.*\['a', 'b'\]"),
+    ):
         w.log(0, "loss", 1.0, task="c")
     with RunWriter(tmp_path / "s", tasks=TASKS) as w, pytest.raises(ValueError, match="unknown task"):
         w.log(0, "grad_cosine", 1.0, task="a", task_b="zzz")

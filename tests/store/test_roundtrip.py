@@ -31,23 +31,38 @@ def test_rows_logged_are_rows_loaded_across_runs_and_flushes(tmp_path):
     expected = {}
     for r, flush_every in enumerate([1, 7, 10_000]):
         rows = _random_rows(rng, 300)
-        with RunWriter(tmp_path / f"run{r}", tasks=TASKS, tags={"seed": r, "construction": "IMAX"}, flush_every=flush_every) as w:
+        with RunWriter(
+            tmp_path / f"run{r}",
+            tasks=TASKS,
+            tags={"seed": r, "construction": "IMAX"},
+            flush_every=flush_every,
+        ) as w:
             half = len(rows) // 2
             for row in rows.iloc[:half].itertuples(index=False):
                 w.log(row.step, row.name, row.value, task=row.task, task_b=row.task_b)
             rest = rows.iloc[half:]
-            w.log_many(rest.step.to_numpy(), rest.name.to_numpy(), rest.value.to_numpy(), rest.task.to_numpy(), rest.task_b.to_numpy())
+            w.log_many(
+                rest.step.to_numpy(),
+                rest.name.to_numpy(),
+                rest.value.to_numpy(),
+                rest.task.to_numpy(),
+                rest.task_b.to_numpy(),
+            )
             expected[w.run_id] = rows
     rs = load_runs(tmp_path)
     assert len(rs.runs) == 3
     assert list(rs.metrics.dtypes.astype(str)) == ["str", "int64", "str", "str", "str", "float64"]
     for run_id, rows in expected.items():
         got = rs.metrics[rs.metrics.run_id == run_id].drop(columns="run_id").reset_index(drop=True)
-        pd.testing.assert_frame_equal(got.sort_values(list(got.columns[:4])).reset_index(drop=True),
-                                      rows.astype(got.dtypes.to_dict()).sort_values(list(got.columns[:4])).reset_index(drop=True))
+        pd.testing.assert_frame_equal(
+            got.sort_values(list(got.columns[:4])).reset_index(drop=True),
+            rows.astype(got.dtypes.to_dict()).sort_values(list(got.columns[:4])).reset_index(drop=True),
+        )
     assert sorted(rs.runs["seed"].tolist()) == [0, 1, 2]
     assert set(rs.runs["construction"]) == {"IMAX"}
-    assert rs.runs.set_index("run_id").loc[list(expected), "n_steps"].tolist() == [int(r.step.max()) for r in expected.values()]
+    assert rs.runs.set_index("run_id").loc[list(expected), "n_steps"].tolist() == [
+        int(r.step.max()) for r in expected.values()
+    ]
 
 
 def test_several_flushes_make_several_parts(tmp_path):
@@ -98,14 +113,18 @@ def test_from_frames_matches_loaded_dtypes(tmp_path):
     loaded = load_runs(tmp_path / "r")
     built = RunSet.from_frames(
         pd.DataFrame({"run_id": ["x"]}),
-        pd.DataFrame({"run_id": ["x"], "step": [3], "name": ["loss"], "task": ["ctr"], "task_b": [""], "value": [1.0]}),
+        pd.DataFrame(
+            {"run_id": ["x"], "step": [3], "name": ["loss"], "task": ["ctr"], "task_b": [""], "value": [1.0]}
+        ),
     )
     pd.testing.assert_series_equal(built.metrics.dtypes, loaded.metrics.dtypes)
     assert built.runs.loc[0, "n_steps"] == 3 and built.runs.loc[0, "tasks"] == ["ctr"]
 
 
 def test_run_json_has_identity_tasks_and_tags(tmp_path):
-    with RunWriter(tmp_path / "r", tasks=TASKS, tags={"model": "llava", "seed": 0}, meta={"params": 123}) as w:
+    with RunWriter(
+        tmp_path / "r", tasks=TASKS, tags={"model": "llava", "seed": 0}, meta={"params": 123}
+    ) as w:
         w.set_meta(world_size=2)
     info = json.loads((tmp_path / "r" / "run.json").read_text())
     assert info["tasks"] == TASKS and info["tags"] == {"model": "llava", "seed": 0}

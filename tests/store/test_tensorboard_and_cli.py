@@ -22,7 +22,11 @@ def _write_events(logdir, tags_values):
 
 @pytest.mark.parametrize(
     ("row", "tag"),
-    [(("loss", "", ""), "dynamics/loss"), (("loss", "vqa", ""), "dynamics/loss/vqa"), (("grad_cosine", "a", "b"), "dynamics/grad_cosine/a|b")],
+    [
+        (("loss", "", ""), "dynamics/loss"),
+        (("loss", "vqa", ""), "dynamics/loss/vqa"),
+        (("grad_cosine", "a", "b"), "dynamics/grad_cosine/a|b"),
+    ],
 )
 def test_tb_tags_round_trip(row, tag):
     assert tb_tag(*row) == tag
@@ -34,9 +38,15 @@ def test_tb_tags_round_trip(row, tag):
 def test_import_tensorboard_maps_dynamics_tags_back(tmp_path):
     _write_events(
         tmp_path / "tb" / "run-a",
-        {"train/dynamics/loss/vqa": lambda s: 1.0 / (s + 1), "train/dynamics/grad_cosine/vqa|ctr": lambda s: -0.5, "train/loss": float},
+        {
+            "train/dynamics/loss/vqa": lambda s: 1.0 / (s + 1),
+            "train/dynamics/grad_cosine/vqa|ctr": lambda s: -0.5,
+            "train/loss": float,
+        },
     )
-    result = CliRunner().invoke(app, ["import-tb", str(tmp_path / "tb"), str(tmp_path / "out"), "--tag", "construction=IMAX"])
+    result = CliRunner().invoke(
+        app, ["import-tb", str(tmp_path / "tb"), str(tmp_path / "out"), "--tag", "construction=IMAX"]
+    )
     assert result.exit_code == 0, result.output
     rs = load_runs(tmp_path / "out")
     assert rs.runs.loc[0, "construction"] == "IMAX" and sorted(rs.runs.loc[0, "tasks"]) == ["ctr", "vqa"]
@@ -59,7 +69,9 @@ def test_import_tb_errors(tmp_path):
 
 def test_runs_command_lists_tags_steps_and_metrics(tmp_path):
     for seed in (0, 1):
-        with RunWriter(tmp_path / f"s{seed}", tasks=["vqa"], tags={"construction": "DMAX", "seed": seed}) as w:
+        with RunWriter(
+            tmp_path / f"s{seed}", tasks=["vqa"], tags={"construction": "DMAX", "seed": seed}
+        ) as w:
             w.log_many(range(7), "loss", 1.0, "vqa")
             w.log(6, "fisher_se", 2.0)
     result = CliRunner().invoke(app, ["runs", str(tmp_path)], env={"COLUMNS": "200"})

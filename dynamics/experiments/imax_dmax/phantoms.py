@@ -78,7 +78,7 @@ class Phantom:
     def heart(self) -> tuple[float, float, float, float]:
         """Ellipse (x, y, half-width, half-height); half-width = CTR * a by construction."""
         hw = self.ctr * self.a
-        return (self.cx + 0.10 * self.a, self.cy + 0.40 * self.b, hw, 0.42 * self.b)
+        return (self.cx + 0.10 * self.a, self.cy + 0.50 * self.b, hw, 0.36 * self.b)
 
     @property
     def cardiomegaly(self) -> bool:
@@ -154,11 +154,11 @@ def sample_phantom(rng: np.random.Generator) -> Phantom:
     if rng.random() < NODULE_P:
         side, zone = cells[order[0]]
         x, y = _zone_centre(base.lung(side), zone, rng)
-        nodule = Lesion(side, zone, float(x), float(y), float(rng.uniform(0.040, 0.050)))
+        nodule = Lesion(side, zone, float(x), float(y), float(rng.uniform(0.055, 0.065)))
     if rng.random() < OPACITY_P:
         side, zone = cells[order[1]]
         x, y = _zone_centre(base.lung(side), zone, rng)
-        opacity = Lesion(side, zone, float(x), float(y), float(rng.uniform(0.085, 0.110)))
+        opacity = Lesion(side, zone, float(x), float(y), float(rng.uniform(0.100, 0.120)))
     edema = int(rng.choice(4, p=EDEMA_GRADE_P))
     return Phantom(
         cx, cy, a, b, ctr, effusion, level, nodule, opacity, edema, int(rng.integers(0, 2**31 - 1))
@@ -200,7 +200,7 @@ def render(
     Pixel centre (i, j) sits at canonical ``((j + 0.5)/size - 0.5 - shift_x)/zoom + 0.5`` (inverse of
     ``to_pixels``), so shapes and boxes agree exactly. Intensities (denser = brighter): air 0,
     soft tissue 0.50, aerated lung 0.12, mediastinum 0.62, heart 0.80, effusion 0.78, nodule 0.95,
-    opacity +0.38 on top of what it overlaps; oedema raises lung density by 0.09 per grade, twice as much near the hila.
+    opacity +0.45 on top of what it overlaps; oedema raises lung density by 0.09 per grade, twice as much near the hila.
     """
     if size < 16:
         raise ValueError(f"size must be >= 16 pixels, got {size}")
@@ -234,7 +234,7 @@ def render(
     if ph.opacity is not None:
         o = ph.opacity
         om = np.exp(-(((xx - o.x) ** 2 + (yy - o.y) ** 2) / (o.r**2)) * 1.2)
-        img = img + 0.38 * om  # densities add on a projection image
+        img = img + 0.45 * om  # densities add on a projection image
     if ph.nodule is not None:
         n = ph.nodule
         img = np.maximum(img, 0.95 * _ellipse(xx, yy, n.x, n.y, n.r, n.r, soft))

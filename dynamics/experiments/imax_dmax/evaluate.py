@@ -1,0 +1,80 @@
+"""Greedy generation on the evaluation set, answer parsing and per-task metrics.
+
+Entries are generated task by task in left-padded batches with ``model.generate`` (greedy,
+``max_new_tokens`` = the longest answer the task's grammar allows plus ``<eos>``), decoded without
+special tokens and scored by ``metrics.score_entries``. The multi-task score is added as the
+global entry ``scores[""]["multitask_score"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dynamics.experiments.imax_dmax.data import EntryDataset, VLMCollator
+from dynamics.experiments.imax_dmax.metrics import multitask_score, score_entries
+from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
+from dynamics.experiments.imax_dmax.zoo import Arch
+
+# Longest answer of each task's grammar, in words (see tasks.py): the report's five sentences,
+# five labels with four commas, four box cells, "nodule right upper", one word otherwise.
+MAX_ANSWER_WORDS = {"calculation": 1, "report": 17, "multiclass": 1, "multilabel": 9, "rec": 4, "reg": 3, "vqa": 1}
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    arch: Arch,
+    tok: PreTrainedTokenizerBase,
+    dataset: EntryDataset,
+    *,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy answers for every entry of ``dataset``, in dataset order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    collate = VLMCollator(arch, tok, prompt_only=True, emit_task_ids=False)
+    was_training = model.training
+    model.eval()
+    out: list[str | None] = [None] * len(dataset)
+    try:
+        for task in TASK_NAMES:
+            idx = [i for i, e in enumerate(dataset.entries) if e.task == task]
+            for s in range(0, len(idx), batch_size):
+                chunk = idx[s : s + batch_size]
+                batch = collate([dataset[i] for i in chunk])
+                n_prompt = batch["input_ids"].shape[1]
+                gen = model.generate(
+                    **batch,
+                    max_new_tokens=MAX_ANSWER_WORDS[task] + 1,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+                texts = tok.batch_decode(gen[:, n_prompt:], skip_special_tokens=True)
+                for i, t in zip(chunk, texts, strict=True):
+                    out[i] = " ".join(t.split())
+                if progress is not None:
+                    progress(len(chunk))
+    finally:
+        model.train(was_training)
+    return [o if o is not None else "" for o in out]
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    arch: Arch,
+    tok: PreTrainedTokenizerBase,
+    dataset: EntryDataset,
+    *,
+    batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """``({task: {metric: value}, "": {"multitask_score": m}}, predictions)`` on ``dataset``."""
+    preds = generate_answers(model, arch, tok, dataset, batch_size=batch_size, progress=progress)
+    scores = score_entries(dataset.entries, preds)
+    scores[""] = {"multitask_score": multitask_score(scores)}
+    return scores, preds

@@ -1,0 +1,317 @@
+"""``probe()``: every first-order training signal of one probe batch, from one Gram matrix.
+
+    from dynamics import probe
+    res = probe(model, batch, task_ids=task_ids, tasks=["vqa", "report", "grounding"])
+    rows = res.to_rows(step)          # tidy rows for the run store
+
+What is computed (formulas in the docstrings of :mod:`dynamics.signals`):
+
+* per-example losses ``l_i`` and gradients ``g_i = grad l_i`` over the chosen parameters
+  (:mod:`~dynamics.signals.losses`: for a causal LM, ``l_i`` is the mean over the example's
+  supervised tokens, token weighting as transformers' ``ForCausalLMLoss``);
+* ``K = G G^T`` (n x n, :mod:`~dynamics.signals.gram`), in one forward and one backward pass;
+* task geometry from ``W K W^T`` with ``w_ai = N_i / N_a`` (:mod:`~dynamics.signals.geometry`);
+* the empirical Fisher spectrum from ``K / n`` (:mod:`~dynamics.signals.spectrum`);
+* the gradient noise scale ``B_simple`` (:mod:`~dynamics.signals.noise_scale`);
+* optionally the top Hessian eigenvalue (:mod:`~dynamics.signals.hessian`).
+
+A probe never changes training: gradients come from ``torch.autograd.grad`` (``p.grad`` is not
+touched), the model runs in eval mode (dropout off, batch-norm on running statistics, so no buffer
+changes) and every module's train/eval flag is restored afterwards, and the global RNG state is
+restored, so later dropout masks are the same as without the probe.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dynamics.signals.capture import Capture
+from dynamics.signals.geometry import direction_cosine, task_geometry, task_weights
+from dynamics.signals.gram import METHODS, compute_gram
+from dynamics.signals.hessian import hessian_top_eigenvalue
+from dynamics.signals.losses import LossSpec, per_example_losses
+from dynamics.signals.noise_scale import noise_scale
+from dynamics.signals.spectrum import fisher_spectrum
+
+Row = tuple[int, str, str, str, float]
+
+
+@dataclass
+class ProbeResult:
+    """Signals of one probe batch. Per-task tensors are indexed like ``task_names``.
+
+    * ``gram`` (n x n, float64): ``K_ij = <g_i, g_j>``; ``losses`` (n,): ``l_i``;
+    * ``task_counts`` (T,): examples per task; ``task_tokens`` (T,): ``N_a = sum_{i in a} N_i``;
+    * ``task_loss`` (T,): ``sum_i w_ai l_i``, the task's token-weighted training loss;
+    * ``task_grad_norm`` (T,): ``|g_a|``; ``task_cosine`` (T x T): ``cos(g_a, g_b)``;
+      ``task_gram`` (T x T): ``W K W^T``;
+    * ``conflict_rate``: share of task pairs with negative cosine;
+    * ``fisher_eigvals``: non-zero eigenvalues of ``K / n`` (decreasing) = those of the empirical
+      Fisher ``(1/n) sum_i g_i g_i^T``; ``fisher_trace = tr(K) / n``; ``fisher_se = -sum p log p``
+      with ``p = lambda / sum lambda``; ``fisher_rho = lambda_1 / sum lambda``;
+      ``fisher_eff_rank = exp(SE)``;
+    * ``noise_scale``: ``B_simple = tr(Sigma) / |G|^2`` (unbiased estimators from ``K``);
+    * ``hessian_top``: largest Hessian eigenvalue of the batch loss (None unless requested);
+    * ``direction_cosine`` (T,): ``cos(g_a, direction)`` (None unless a direction was given);
+    * ``missing_tasks``: tasks without examples (or without supervised tokens) in this batch:
+      their entries are NaN, and they produce no rows;
+    * ``coverage``: parameter names by the path that computed their gradients
+      (``ghost``, ``materialized``, ``module``, ``exact``, ``unused``).
+    """
+
+    gram: Tensor
+    losses: Tensor
+    task_names: list[str]
+    task_counts: Tensor
+    task_tokens: Tensor
+    task_loss: Tensor
+    task_grad_norm: Tensor
+    task_cosine: Tensor
+    task_gram: Tensor
+    conflict_rate: float
+    fisher_eigvals: Tensor
+    fisher_trace: float
+    fisher_se: float
+    fisher_rho: float
+    fisher_eff_rank: float
+    noise_scale: float
+    missing_tasks: list[str]
+    loss_kind: str
+    hessian_top: float | None = None
+    direction_cosine: Tensor | None = None
+    coverage: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_rows(self, step: int) -> list[Row]:
+        """Tidy ``(step, name, task, task_b, value)`` rows for the run store.
+
+        Per task: ``loss``, ``grad_norm``, ``update_cosine`` (with a direction); per task pair
+        ``a < b``: ``grad_cosine``; global (task ""): ``conflict_rate``, ``fisher_se``, ``fisher_rho``,
+        ``fisher_eff_rank``, ``fisher_trace``, ``noise_scale``, ``hessian_top``. Missing tasks and
+        undefined (NaN) values give no row.
+        """
+        step = int(step)
+        rows: list[Row] = []
+
+        def add(name: str, value: Any, task: str = "", task_b: str = "") -> None:
+            if value is None:
+                return
+            v = float(value)
+            if math.isfinite(v):
+                rows.append((step, name, task, task_b, v))
+
+        names = self.task_names
+        for a, task in enumerate(names):
+            if task in self.missing_tasks:
+                continue
+            add("loss", self.task_loss[a], task)
+            add("grad_norm", self.task_grad_norm[a], task)
+            if self.direction_cosine is not None:
+                add("update_cosine", self.direction_cosine[a], task)
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                add("grad_cosine", self.task_cosine[a, b], names[a], names[b])
+        add("conflict_rate", self.conflict_rate)
+        add("fisher_se", self.fisher_se)
+        add("fisher_rho", self.fisher_rho)
+        add("fisher_eff_rank", self.fisher_eff_rank)
+        add("fisher_trace", self.fisher_trace)
+        add("noise_scale", self.noise_scale)
+        add("hessian_top", self.hessian_top)
+        return rows
+
+
+def _resolve_params(model: nn.Module, params: Any) -> list[tuple[str, Tensor]]:
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    if params is None:
+        chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not chosen:
+            raise ValueError("the model has no parameter with requires_grad=True; pass params=... explicitly")
+        return chosen
+    items = list(params.values()) if isinstance(params, Mapping) else list(params)
+    out, seen = [], set()
+    for p in items:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params must hold tensors (nn.Parameter), got {type(p).__name__}")
+        if id(p) not in names:
+            raise ValueError("params holds a tensor that is not a parameter of this model")
+        if not p.requires_grad:
+            raise ValueError(f"parameter {names[id(p)]!r} has requires_grad=False; probe only trainable ones")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append((names[id(p)], p))
+    if not out:
+        raise ValueError("params is empty")
+    return out
+
+
+def _resolve_direction(direction: Any, chosen: list[tuple[str, Tensor]]) -> dict[int, Tensor] | None:
+    if direction is None:
+        return None
+    if isinstance(direction, Mapping):
+        missing = [n for n, _ in chosen if n not in direction]
+        if missing:
+            raise ValueError(f"direction lacks tensors for parameters {missing[:5]}")
+        tensors = [direction[n] for n, _ in chosen]
+    else:
+        tensors = list(direction)
+        if len(tensors) != len(chosen):
+            raise ValueError(
+                f"direction has {len(tensors)} tensors but {len(chosen)} parameters are probed; "
+                "give one tensor per chosen parameter, in model.named_parameters() order, or a dict by name"
+            )
+    out = {}
+    for (name, p), d in zip(chosen, tensors):
+        if not isinstance(d, Tensor) or d.shape != p.shape:
+            got = tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__
+            raise ValueError(f"direction for {name!r} must be a tensor of shape {tuple(p.shape)}, got {got}")
+        out[id(p)] = d.detach().to(p.device)
+    return out
+
+
+@contextmanager
+def _probe_mode(model: nn.Module, device: torch.device):
+    """Eval mode and a forked RNG inside; every module's train flag and the RNG state restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            model.eval()
+            yield
+        finally:
+            for m, flag in flags:
+                m.training = flag
+
+
+def _task_names(task_ids: Tensor, tasks: Sequence[str] | None) -> list[str]:
+    top = int(task_ids.max()) + 1 if task_ids.numel() else 0
+    if tasks is None:
+        return [str(a) for a in range(top)]
+    tasks = [str(t) for t in tasks]
+    if top > len(tasks):
+        raise ValueError(f"task_ids go up to {top - 1} but only {len(tasks)} task names were given")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError("task names must be unique")
+    return tasks
+
+
+def probe(
+    model: nn.Module,
+    batch: Any,
+    *,
+    task_ids: Tensor | Sequence[int],
+    tasks: Sequence[str] | None = None,
+    loss: LossSpec = "auto",
+    params: Iterable[Tensor] | Mapping[str, Tensor] | None = None,
+    method: str = "auto",
+    direction: Sequence[Tensor] | Mapping[str, Tensor] | None = None,
+    hessian: bool = False,
+    hessian_iters: int = 20,
+    hessian_tol: float = 1e-3,
+) -> ProbeResult:
+    """Per-example gradient Gram matrix of ``batch`` and every signal derived from it.
+
+    Args:
+        model: any ``nn.Module`` whose examples do not interact in eval mode (batch rows are
+            examples); Hugging Face models, PEFT models and plain modules alike.
+        batch: a dict of model inputs (with ``labels`` for the built-in losses), an
+            ``(inputs, labels)`` pair, or a tensor (callable loss only).
+        task_ids: (n,) integers indexing ``tasks``.
+        tasks: task names; default ``"0" .. "T-1"`` with ``T = max(task_ids) + 1``.
+        loss: ``"auto"`` (causal LM when logits are (n, T, V) and labels (n, T); classification
+            when labels are (n,)), ``"causal_lm"``, ``"classification"``, or a callable
+            ``loss_fn(model, batch) -> (n,)`` per-example losses (optionally ``(losses, token_counts)``).
+        params: parameters to probe; default every parameter with ``requires_grad`` (so only the
+            adapters of a PEFT model).
+        method: ``"auto"`` (fast path, exact fallback where needed), ``"ghost"`` / ``"materialize"``
+            (fast path forcing one product for Linear/Embedding weights) or ``"exact"``
+            (per-example autograd; about n backward passes).
+        direction: tensors aligned with the probed parameters (``model.named_parameters()`` order,
+            or a dict by name), e.g. the last optimizer update; gives ``direction_cosine``.
+        hessian: also estimate the top Hessian eigenvalue of the batch loss (costs one extra
+            forward and up to ``hessian_iters`` double-backward passes; needs eager attention).
+        hessian_iters, hessian_tol: Lanczos iteration cap and relative tolerance.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    task_ids = torch.as_tensor(task_ids)
+    if task_ids.dim() != 1 or task_ids.is_floating_point() or task_ids.is_complex():
+        raise ValueError(f"task_ids must be a 1-D integer tensor of shape (n,), got {tuple(task_ids.shape)}")
+    if task_ids.numel() == 0:
+        raise ValueError("the probe batch is empty")
+    if int(task_ids.min()) < 0:
+        raise ValueError("task_ids must be >= 0")
+    names = _task_names(task_ids, tasks)
+    chosen = _resolve_params(model, params)
+    plist = [p for _, p in chosen]
+    pname = {id(p): n for n, p in chosen}
+    dir_map = _resolve_direction(direction, chosen)
+    n = task_ids.shape[0]
+    device = plist[0].device
+
+    hess = None
+    with _probe_mode(model, device), torch.enable_grad():
+        cap = Capture(model, plist) if method != "exact" else None
+        with cap if cap is not None else nullcontext():
+            pel = per_example_losses(model, batch, loss)
+        if pel.losses.shape != (n,):
+            raise ValueError(
+                f"the loss gives {tuple(pel.losses.shape)} per-example values but task_ids has n = {n}; "
+                "one task id per example is needed"
+            )
+        gr = compute_gram(pel.losses, plist, cap, method, dir_map)
+        losses = pel.losses.detach().to(torch.float64).cpu()
+        weights = pel.weights.detach().cpu()
+        kind = pel.kind
+        del pel, cap  # free the graph before the Hessian pass
+        if hessian:
+
+            def batch_loss() -> Tensor:
+                again = per_example_losses(model, batch, loss)
+                w = again.weights.to(again.losses.dtype)
+                return (again.losses * w).sum() / w.sum().clamp(min=1e-12)
+
+            hess = hessian_top_eigenvalue(batch_loss, plist, hessian_iters, hessian_tol, model=model).value
+
+    W, present = task_weights(task_ids, weights, len(names))
+    geo = task_geometry(gr.gram, W, present)
+    spec = fisher_spectrum(gr.gram, gr.eps)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    onehot = torch.zeros(len(names), n, dtype=torch.float64)
+    onehot[task_ids.cpu(), torch.arange(n)] = 1.0
+    dcos = None
+    if dir_map is not None:
+        dnorm = math.sqrt(sum(float((d.double() ** 2).sum()) for d in dir_map.values()))
+        dcos = direction_cosine(gr.example_dots, dnorm, W, geo.grad_norm)
+    coverage = {k: [pname[i] for i in v] for k, v in gr.paths.items()}
+    return ProbeResult(
+        gram=gr.gram.detach().cpu(),
+        losses=losses,
+        task_names=names,
+        task_counts=onehot.sum(1).long(),
+        task_tokens=onehot @ weights.to(torch.float64),
+        task_loss=torch.where(present, W @ losses, nan),
+        task_grad_norm=geo.grad_norm,
+        task_cosine=geo.cosine,
+        task_gram=geo.gram,
+        conflict_rate=geo.conflict_rate,
+        fisher_eigvals=spec.eigvals,
+        fisher_trace=spec.trace,
+        fisher_se=spec.se,
+        fisher_rho=spec.rho,
+        fisher_eff_rank=spec.eff_rank,
+        noise_scale=noise_scale(gr.gram).b_simple,
+        missing_tasks=[t for t, ok in zip(names, present.tolist()) if not ok],
+        loss_kind=kind,
+        hessian_top=hess,
+        direction_cosine=dcos,
+        coverage=coverage,
+    )

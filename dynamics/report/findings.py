@@ -1,0 +1,147 @@
+"""The key findings in words, quoting the statistics layer's numbers as they are.
+
+Each sentence is built from one row of :func:`dynamics.analysis.compare`,
+:func:`dynamics.analysis.correlate` or :func:`dynamics.analysis.forecast` and formats that row's
+values with :func:`dynamics.report.style.fmt` / :func:`fmt_p`; no statistic is computed here.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from dynamics.report.context import ReportContext
+from dynamics.report.style import fmt, fmt_p
+from dynamics.report.tables import ALPHA, signal_features, sorted_comparison, sorted_correlation, test_name
+
+__all__ = ["findings", "comparison_sentence", "correlation_sentence", "forecast_sentence", "best_forecast_row"]
+
+# The IMAX paper's two signals: lower SE and higher rho go with the better construction.
+PAPER_SIGNALS = {"fisher_se/all/mean": "Fisher spectral entropy SE", "fisher_rho/all/mean": "Fisher dominant ratio rho"}
+MAX_PAIRS = 3
+
+
+def _n_text(row: pd.Series) -> str:
+    if bool(row.get("paired", False)) and pd.notna(row.get("n_pairs")):
+        return f"n = {int(row['n_pairs'])} pairs"
+    return f"n = {int(row['n_a'])} vs {int(row['n_b'])} runs"
+
+
+def comparison_sentence(row: pd.Series, label: str | None = None, *, adjusted: bool = True) -> str:
+    """``label: B mean_b vs A mean_a (difference diff, 95% CI lo to hi; test, n; p_holm = p).``
+
+    The statistics layer's ``diff`` is ``b - a``, so group b is named first. ``adjusted=False``
+    quotes the unadjusted ``p_value`` (for a test that is a family of its own).
+    """
+    label = label or str(row["feature"])
+    p = f"p_holm = {fmt_p(row['p_holm'])}" if adjusted else f"p = {fmt_p(row['p_value'])}"
+    return (
+        f"{label}: {row['group_b']} {fmt(row['mean_b'])} vs {row['group_a']} {fmt(row['mean_a'])} "
+        f"(difference {fmt(row['diff'])}, 95% CI {fmt(row['diff_ci_low'])} to {fmt(row['diff_ci_high'])}; "
+        f"{test_name(row['test'])}, {_n_text(row)}; {p})."
+    )
+
+
+def correlation_sentence(row: pd.Series, target: str) -> str:
+    """``feature tracks target: Spearman r = r (95% CI lo to hi; n = n; p_holm = p).``"""
+    return (
+        f"{row['feature']} goes with {target}: Spearman r = {fmt(row['r'], 2)} "
+        f"(95% CI {fmt(row['ci_low'], 2)} to {fmt(row['ci_high'], 2)}; n = {int(row['n'])}; "
+        f"p_holm = {fmt_p(row['p_holm'])})."
+    )
+
+
+def best_forecast_row(frame: pd.DataFrame) -> tuple[pd.Series, bool]:
+    """The earliest fraction whose forecast beats the baseline (MAE), else the latest fraction.
+
+    Returns the row and whether it beats the baseline.
+    """
+    f = frame.sort_values("fraction")
+    valid = f[f["mae"].notna()]
+    if valid.empty:
+        return f.iloc[-1], False
+    beats = valid[valid["mae"] < valid["baseline_mae"]]
+    if not beats.empty:
+        return beats.iloc[0], True
+    return valid.iloc[-1], False
+
+
+def forecast_sentence(frame: pd.DataFrame, target: str) -> str:
+    row, beats = best_forecast_row(frame)
+    pct = f"{100 * row['fraction']:g}%"
+    if pd.isna(row["mae"]):
+        return f"No early forecast of {target} could be made ({row.get('note') or 'no data'})."
+    numbers = (
+        f"Spearman {fmt(row['spearman'], 2)}, R² {fmt(row['r2'], 2)}, "
+        f"MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])} for the baseline; n = {int(row['n_runs'])} runs"
+    )
+    if beats:
+        return f"From the first {pct} of training, {target} is forecast better than the baseline ({numbers})."
+    return f"Up to the first {pct} of training, the forecast of {target} does not beat the baseline ({numbers})."
+
+
+def _pairs_shown(frame: pd.DataFrame) -> pd.DataFrame:
+    pairs = frame[["group_a", "group_b"]].drop_duplicates().head(MAX_PAIRS)
+    keep = set(map(tuple, pairs.to_numpy()))
+    return frame[[(a, b) in keep for a, b in zip(frame["group_a"], frame["group_b"], strict=True)]]
+
+
+def _comparison_findings(ctx: ReportContext) -> list[str]:
+    out: list[str] = []
+    if ctx.score_comparison.ok:
+        rows = _pairs_shown(ctx.score_comparison.frame)
+        for _, row in rows[rows["feature"] == ctx.target].iterrows():
+            out.append(comparison_sentence(row, f"Final score {ctx.target}", adjusted=False))
+    if not ctx.comparison.ok:
+        return out
+    in_pairs = _pairs_shown(ctx.comparison.frame)
+    mentioned = {ctx.target}
+    for feature, label in PAPER_SIGNALS.items():
+        for _, row in in_pairs[in_pairs["feature"] == feature].iterrows():
+            out.append(comparison_sentence(row, f"{label} ({feature})"))
+            mentioned.add(feature)
+    signals = signal_features(ctx, sorted_comparison(ctx))
+    n_tested = signals["feature"].nunique()
+    significant = signals[signals["p_holm"] < ALPHA]
+    others = significant[~significant["feature"].isin(mentioned)]
+    if not significant.empty:
+        out.append(
+            f"{significant['feature'].nunique()} of {n_tested} training-signal features differ between "
+            f"{ctx.group} groups after Holm correction (p_holm < {ALPHA})."
+        )
+        if not others.empty:
+            out.append("Strongest other difference: " + comparison_sentence(others.iloc[0]))
+    elif not signals.empty:
+        top = signals.iloc[0]
+        out.append(
+            f"No training-signal feature differs between {ctx.group} groups after Holm correction "
+            f"({n_tested} tested; smallest p_holm = {fmt_p(top['p_holm'])}, {top['feature']})."
+        )
+    return out
+
+
+def _correlation_findings(ctx: ReportContext) -> list[str]:
+    ranked = sorted_correlation(ctx)
+    if ranked.empty:
+        return []
+    n_sig = int((ranked["p_holm"] < ALPHA).sum())
+    out = [correlation_sentence(ranked.iloc[0], ctx.target)]
+    out.append(
+        f"{n_sig} of {ranked['feature'].nunique()} features correlate with {ctx.target} after Holm correction "
+        f"(p_holm < {ALPHA})."
+    )
+    return out
+
+
+def findings(ctx: ReportContext) -> list[str]:
+    """The key findings, in order: group comparison, correlation with the target, early forecast.
+
+    A statistic that is missing contributes its reason instead of a number.
+    """
+    out: list[str] = []
+    if ctx.comparison.ok or ctx.score_comparison.ok:
+        out += _comparison_findings(ctx)
+    if ctx.correlation.ok:
+        out += _correlation_findings(ctx)
+    if ctx.forecast.ok:
+        out.append(forecast_sentence(ctx.forecast.frame, ctx.target))
+    return out

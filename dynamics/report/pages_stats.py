@@ -1,0 +1,193 @@
+"""Statistics pages: the group comparison table, feature-vs-score scatter plots, the early forecast.
+
+All numbers are the statistics layer's (:mod:`dynamics.analysis`); the scatter plots' fitted line and
+band are seaborn's least-squares fit with its bootstrap 95% band, drawn as a visual guide next to the
+layer's Spearman r, CI and Holm-adjusted p-value.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from dynamics.report.context import ReportContext
+from dynamics.report.findings import best_forecast_row
+from dynamics.report.page import NoData, Page
+from dynamics.report.style import fmt, fmt_p, new_page, page_note, page_title
+from dynamics.report.tables import ALPHA, comparison_table, key_correlations, signal_features
+
+__all__ = ["COMPARISON", "CORRELATION", "FORECAST", "draw_table"]
+
+_SIG_COLOR = "#e3f2e1"
+_HEADER_COLOR = "#eaeaf2"
+
+
+def draw_table(ax, frame: pd.DataFrame, highlight: list[bool] | None = None, *, fontsize: float = 9.5) -> None:
+    """A plain table filling ``ax``: grey header, highlighted rows, left-aligned first column."""
+    ax.axis("off")
+    if frame.empty:
+        return
+    cells = frame.astype(str).to_numpy().tolist()
+    table = ax.table(cellText=cells, colLabels=list(frame.columns), loc="upper center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(fontsize)
+    table.auto_set_column_width(list(range(frame.shape[1])))
+    n_rows = len(cells) + 1
+    height = min(0.95 / n_rows, 0.08)
+    for (r, c), cell in table.get_celld().items():
+        cell.set_height(height)
+        cell.set_edgecolor("#dddddd")
+        if r == 0:
+            cell.set_facecolor(_HEADER_COLOR)
+            cell.set_text_props(fontweight="bold")
+        elif highlight and highlight[r - 1]:
+            cell.set_facecolor(_SIG_COLOR)
+        if c == 0:
+            cell.set_text_props(ha="left")
+            cell.PAD = 0.02
+
+
+def build_comparison(ctx: ReportContext) -> list[Figure]:
+    if not ctx.comparison.ok and not ctx.score_comparison.ok:
+        raise NoData(ctx.comparison.note or "no group comparison")
+    table, significant, n_tested = comparison_table(ctx, max_rows=20)
+    pairs = table.columns[1:3] if "groups (b vs a)" not in table.columns else None
+    if ctx.comparison.ok:
+        signals = signal_features(ctx, ctx.comparison.frame)
+        n_sig = int(signals.loc[signals["p_holm"] < ALPHA, "feature"].nunique())
+        between = (
+            f"{pairs[0].removeprefix('mean ')} and {pairs[1].removeprefix('mean ')}"
+            if pairs is not None
+            else f"{ctx.group} groups"
+        )
+        title = f"{n_sig} of {n_tested} training signals differ between {between} after Holm correction"
+    else:
+        title = f"Final score by {ctx.group} (no training-signal comparison: {ctx.comparison.note})"
+    fig, axes = new_page(1, 1)
+    draw_table(axes[0, 0], table, significant)
+    page_title(
+        fig,
+        title,
+        f"Group comparison by {ctx.group}"
+        + (f", paired on {', '.join(ctx.pair)}" if ctx.pair else "")
+        + f": {ctx.target} first, then the signals with the smallest Holm-adjusted p",
+    )
+    shown = int((table["feature"] != ctx.target).sum())
+    page_note(
+        fig,
+        f"Green: p < {ALPHA} ({ctx.target}: its own test; signals: Holm-adjusted over all {n_tested} signal features). "
+        f"diff: mean difference with its bootstrap 95% CI; Cohen's d: d_z for paired rows. "
+        f"Showing {shown} of {n_tested} signals; `dynamics summary` prints this table in the terminal.",
+    )
+    return [fig]
+
+
+def build_correlation(ctx: ReportContext) -> list[Figure]:
+    if not ctx.correlation.ok:
+        raise NoData(ctx.correlation.note or "no correlation with the score")
+    key = key_correlations(ctx, k=6)
+    if key.empty:
+        raise NoData("no feature has a defined correlation with the score (constant features or too few runs)")
+    feats = ctx.features.frame
+    group = feats["run_id"].map(ctx.run_group) if "run_id" in feats else pd.Series(ctx.groups[0], index=feats.index)
+    n = len(key)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = new_page(nrows, ncols)
+    for ax, (_, row) in zip(axes.flat, key.iterrows(), strict=False):
+        feature = row["feature"]
+        data = pd.DataFrame({"x": feats[feature], "y": feats[ctx.target], "group": group}).dropna()
+        data = data[np.isfinite(data["x"]) & np.isfinite(data["y"])]
+        if data["x"].nunique() > 1:
+            sns.regplot(
+                data=data, x="x", y="y", ax=ax, scatter=False, ci=95, n_boot=400, seed=0,
+                color="#444444", line_kws={"lw": 1.5},
+            )  # fmt: skip
+        for g in ctx.groups:
+            sub = data[data["group"] == g]
+            if not sub.empty:
+                ax.scatter(sub["x"], sub["y"], s=36, color=ctx.palette[g], edgecolor="white", linewidth=0.5, zorder=3)
+        ax.set_xlabel(feature)
+        ax.set_ylabel(ctx.target)
+        ax.set_title(
+            f"r = {fmt(row['r'], 2)} [{fmt(row['ci_low'], 2)}, {fmt(row['ci_high'], 2)}]\n"
+            f"p_holm = {fmt_p(row['p_holm'])}, n = {int(row['n'])}",
+            fontsize=10.5,
+        )
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    top = key.iloc[0]
+    if top["p_holm"] < ALPHA:
+        title = f"{top['feature']} goes with {ctx.target} most closely (Spearman r = {fmt(top['r'], 2)})"
+    else:
+        title = (
+            f"No training signal is associated with {ctx.target} after Holm correction "
+            f"(strongest: {top['feature']}, r = {fmt(top['r'], 2)})"
+        )
+    page_title(fig, title, f"The strongest signal of each kind against the final score {ctx.target}")
+    from dynamics.report.pages_curves import group_legend
+
+    group_legend(fig, ctx)
+    page_note(
+        fig,
+        "Panel titles: Spearman r with 95% CI and Holm-adjusted p from the statistics layer. "
+        "Line and band: least-squares fit with a bootstrap 95% confidence band (visual guide).",
+    )
+    return [fig]
+
+
+def build_forecast(ctx: ReportContext) -> list[Figure]:
+    if not ctx.forecast.ok:
+        raise NoData(ctx.forecast.note or "no early forecast")
+    f = ctx.forecast.frame.sort_values("fraction")
+    if f["mae"].notna().sum() == 0:
+        notes = "; ".join(sorted(set(f.get("note", pd.Series(dtype=str)).dropna().astype(str)))) or "no data"
+        raise NoData(f"the forecast has no result at any fraction ({notes})")
+    row, beats = best_forecast_row(f)
+    pct = f"{100 * row['fraction']:g}%"
+    if beats:
+        title = (
+            f"From the first {pct} of training, {ctx.target} is forecast better than the baseline "
+            f"(MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])})"
+        )
+    else:
+        title = f"Up to {pct} of training, early signals do not forecast {ctx.target} better than the baseline"
+    x = 100 * f["fraction"].to_numpy(dtype=float)
+    labels = [f"{v:g}%" for v in x]
+    fig, axes = new_page(1, 2)
+    ax = axes[0, 0]
+    ax.plot(labels, f["spearman"], marker="o", lw=2, label="Spearman (forecast vs actual)", color="#0173b2")
+    ax.plot(labels, f["r2"], marker="s", lw=2, label="R² (out of sample)", color="#de8f05")
+    ax.axhline(0, color="#999999", lw=1)
+    ax.set_ylim(min(-0.1, float(np.nanmin(f[["spearman", "r2"]].to_numpy())) - 0.05), 1.02)
+    ax.set_xlabel("first part of training used")
+    ax.set_title("How well early signals rank and explain the final score", fontweight="bold")
+    ax.legend(loc="lower right", frameon=False)
+    ax = axes[0, 1]
+    pos = np.arange(len(labels))
+    ax.bar(pos - 0.2, f["mae"], width=0.4, color="#0173b2", label="forecast")
+    ax.bar(pos + 0.2, f["baseline_mae"], width=0.4, color="#bbbbbb", label="baseline")
+    ax.set_xticks(pos, labels)
+    ax.set_xlabel("first part of training used")
+    ax.set_ylabel(f"mean absolute error in {ctx.target}")
+    ax.set_title("Forecast error against the baseline", fontweight="bold")
+    top = float(np.nanmax(f[["mae", "baseline_mae"]].to_numpy()))
+    ax.set_ylim(0, 1.25 * top)  # headroom for the legend
+    ax.legend(frameon=False, loc="upper center", ncol=2)
+    page_title(fig, title, f"Forecasting {ctx.target} from the signals of the first part of training")
+    n_runs = ", ".join(f"{lab}: {_n(v)}" for lab, v in zip(labels, f["n_runs"], strict=True))
+    page_note(fig, f"Numbers from the statistics layer's out-of-sample forecast; runs per fraction: {n_runs}.")
+    return [fig]
+
+
+def _n(v) -> str:
+    return "?" if pd.isna(v) else str(int(v))
+
+
+COMPARISON = Page("comparison", "Group comparison table", build_comparison)
+CORRELATION = Page("correlation", "Feature-score correlations", build_correlation)
+FORECAST = Page("forecast", "Early forecast", build_forecast)

@@ -1,0 +1,133 @@
+"""The per-example gradient Gram matrix ``K_ij = <g_i, g_j>`` over a chosen parameter set.
+
+``g_i`` is the gradient of example ``i``'s own loss ``l_i`` (:mod:`.losses`). :func:`compute_gram`
+takes the per-example losses of ONE forward pass that ran inside a :class:`~.capture.Capture`, and
+
+* ``method="auto"`` (fast path): one backward pass of ``sum_i l_i`` to the captured layer outputs;
+  Linear/Embedding weights by ghost products or materialised per-example gradients, whichever is
+  cheaper per parameter (:mod:`.products`); other parameters by module-local vector-Jacobian
+  products (:mod:`.module_grads`); parameters the fast path cannot prove it covers by exact
+  per-example autograd (:mod:`.gram_exact`). See :mod:`.capture` for the coverage rules;
+* ``"ghost"`` / ``"materialize"``: the same, forcing one product for every factored parameter;
+* ``"exact"``: exact per-example autograd for every parameter (the reference; ~n backward passes).
+
+Optionally also ``<g_i, d>`` for a direction ``d`` given per parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dynamics.signals.capture import Capture, backward_to_outputs, module_kind, plan
+from dynamics.signals.gram_exact import per_example_grads
+from dynamics.signals.layer_rules import rule_kind, rule_per_example_grads
+from dynamics.signals.module_grads import module_per_example_grads
+from dynamics.signals.products import (
+    GramBuilder,
+    conv_bias_grad,
+    conv_weight_factor,
+    embedding_factor,
+    linear_bias_grad,
+    linear_weight_factor,
+)
+
+METHODS = ("auto", "ghost", "materialize", "exact")
+
+
+@dataclass
+class GramResult:
+    """``gram`` (n x n float64), ``example_dots`` (n,) ``<g_i, d>`` or None, ``paths``: param ids by path."""
+
+    gram: Tensor
+    example_dots: Tensor | None
+    paths: dict[str, list[int]] = field(default_factory=dict)
+    eps: float = float(torch.finfo(torch.float64).eps)
+
+
+def compute_gram(
+    losses: Tensor,
+    params: list[Tensor],
+    capture: Capture | None,
+    method: str = "auto",
+    direction: dict[int, Tensor] | None = None,
+) -> GramResult:
+    """``K`` (and ``<g_i, d>``) from per-example ``losses`` (n,) of a forward run under ``capture``.
+
+    ``capture`` may be None only for ``method="exact"``. ``direction`` maps ``id(param)`` to a tensor
+    of the parameter's shape. The graph of ``losses`` is retained.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if capture is None and method != "exact":
+        raise ValueError("the fast path needs the forward pass to run inside a Capture")
+    n = losses.shape[0]
+    total = losses.sum()
+    fast = method != "exact"
+    builder = GramBuilder(n, losses.device, "auto" if method in ("auto", "exact") else method)
+    direction = direction or {}
+
+    if fast:
+        pl = plan(capture, total, n, allow_fast=True)
+    else:
+        if total.grad_fn is None:
+            raise ValueError(
+                "the probe loss does not depend on any parameter that requires grad; "
+                "check `params` and that the model's parameters have requires_grad=True"
+            )
+        pl = None
+    paths: dict[str, list[int]] = {"module": [], "exact": [], "unused": []}
+
+    if pl is not None:
+        paths["unused"] = [id(p) for p in pl.unused]
+        backward_to_outputs(total, pl.calls_needed, retain_graph=True)
+        by_id = {id(p): p for p in params}
+        for pid, calls in pl.factored.items():
+            p = by_id[pid]
+            factors, dense = [], []
+            for c in calls:
+                m = c.module
+                if c.kind == "linear":
+                    if m.weight is p:
+                        factors.append(linear_weight_factor(c))
+                    if getattr(m, "bias", None) is p:
+                        dense.append(linear_bias_grad(c))
+                elif c.kind == "conv":
+                    if m.weight is p:
+                        factors.append(conv_weight_factor(c))
+                    if getattr(m, "bias", None) is p:
+                        dense.append(conv_bias_grad(c))
+                else:
+                    factors.append(embedding_factor(c))
+            builder.add_factored(pid, p.shape, factors, dense, direction.get(pid))
+        for module, ps in pl.module.values():
+            calls = [c for c in capture.calls.get(id(module), []) if c.live]
+            kind = module_kind(module)
+            direct = all(any(p is q for q in module._parameters.values()) for p in ps)
+            if rule_kind(module) and direct:
+                grads = rule_per_example_grads(module, kind, ps, calls, n)
+            else:
+                names = [capture.param_name(module, p) for p in ps]
+                grads = module_per_example_grads(module, names, ps, calls, n)
+            for p, g in zip(ps, grads):
+                builder.add_dense(g, direction.get(id(p)))
+                paths["module"].append(id(p))
+        exact_params = pl.exact
+        for calls in capture.calls.values():
+            for c in calls:
+                c.dys = []  # free the output gradients early
+    else:
+        exact_params = list(params)
+
+    if exact_params:
+        for p, g in zip(exact_params, per_example_grads(losses, exact_params)):
+            builder.add_dense(g, direction.get(id(p)))
+            paths["exact"].append(id(p))
+
+    gram = builder.finish()
+    paths["ghost"] = builder.paths["ghost"]
+    paths["materialized"] = builder.paths["materialized"]
+    has_dir = bool(direction)
+    return GramResult(gram, builder.dots if has_dir else None, paths, builder.eps)

@@ -1,0 +1,106 @@
+"""Closed-form per-example gradients for normalisation layers (faster than the generic vjp).
+
+For a normalisation ``y = xhat * w + b`` (``xhat`` the normalised input, ``w`` and ``b`` broadcast over
+every dimension except the normalised / channel ones), per example ``i``:
+
+    g_i(w) = sum over the other dimensions of (dy_i * xhat_i),     g_i(b) = sum of dy_i.
+
+``xhat`` is recomputed from the captured input exactly as the layer computes it:
+
+* ``nn.LayerNorm``: ``F.layer_norm(x, shape, eps=eps)``; sums over dims 1 .. -len(shape)-1;
+* ``nn.GroupNorm``: ``F.group_norm(x, groups, eps=eps)``; ``w``, ``b`` per channel (dim 1);
+* ``nn.RMSNorm``: ``F.rms_norm(x, shape, eps=eps)``;
+* Llama-style RMSNorm of transformers (and its many copies, e.g. Qwen2, Mistral):
+  ``xhat = (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)``, ``x32 = x.float()``, ``y = w * xhat``.
+  A module is recognised only if its ``forward`` has the same bytecode, constants and names as
+  the reference implementation below, so a variant (e.g. Gemma's ``(1 + w)``) or a kernel
+  replacement falls back to the generic path instead of getting a wrong formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from dynamics.signals.capture import ModuleCall
+
+
+def _llama_rmsnorm_forward(self, hidden_states):  # reference code: must stay byte-identical
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _same_code(f, g) -> bool:
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    if a is None or b is None:
+        return False
+    return (a.co_code, a.co_consts, a.co_names, a.co_varnames) == (
+        b.co_code,
+        b.co_consts,
+        b.co_names,
+        b.co_varnames,
+    )
+
+
+def rule_kind(module: nn.Module) -> str | None:
+    """The closed-form rule for this module, or None."""
+    forward = type(module).forward
+    if isinstance(module, nn.LayerNorm) and forward is nn.LayerNorm.forward and module.elementwise_affine:
+        return "layernorm"
+    if isinstance(module, nn.GroupNorm) and forward is nn.GroupNorm.forward and module.affine:
+        return "groupnorm"
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None and isinstance(module, rms) and forward is rms.forward and module.elementwise_affine:
+        return "rmsnorm"
+    if (
+        _same_code(forward, _llama_rmsnorm_forward)
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and set(module._parameters) == {"weight"}
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+    ):
+        return "llama_rmsnorm"
+    return None
+
+
+def _normalised(module: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``xhat`` and the dims to sum over (all but the batch and the parameter's dims)."""
+    if kind == "layernorm":
+        shape = tuple(module.normalized_shape)
+        xhat = F.layer_norm(x, shape, None, None, module.eps)
+        return xhat, tuple(range(1, x.dim() - len(shape)))
+    if kind == "groupnorm":
+        xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
+        return xhat, tuple(range(2, x.dim()))
+    if kind == "rmsnorm":
+        shape = tuple(module.normalized_shape)
+        xhat = F.rms_norm(x, shape, None, module.eps)
+        return xhat, tuple(range(1, x.dim() - len(shape)))
+    h = x.to(torch.float32)
+    xhat = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
+    return xhat, tuple(range(1, x.dim() - 1))
+
+
+def rule_per_example_grads(
+    module: nn.Module, kind: str, params: Sequence[Tensor], calls: Sequence[ModuleCall], n: int
+) -> list[Tensor]:
+    """Per-example gradients ``(n, *p.shape)`` of the module's ``weight`` / ``bias`` over its calls."""
+    out = {id(p): torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in params}
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    for call in calls:
+        x = call.main_input().detach()
+        dy = call.dys[0]
+        xhat, dims = _normalised(module, kind, x)
+        if weight is not None and id(weight) in out:
+            g = dy * xhat
+            out[id(weight)] += (g.sum(dims) if dims else g).to(weight.dtype)
+        if bias is not None and id(bias) in out:
+            out[id(bias)] += (dy.sum(dims) if dims else dy).to(bias.dtype)
+    return [out[id(p)] for p in params]

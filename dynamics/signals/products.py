@@ -1,0 +1,258 @@
+"""Per-layer contributions to the per-example Gram matrix: ghost products or materialised gradients.
+
+A stock ``nn.Linear`` call ``y_it = W x_it + b`` gives, for example ``i`` with tokens ``t``,
+
+    g_i(W) = sum_t dy_it x_it^T,        g_i(b) = sum_t dy_it,
+
+and an ``nn.Embedding`` call ``z_it = E[u_it]`` gives ``g_i(E) = sum_t e_{u_it} dz_it^T`` (rows of
+the padding index excluded, as ``F.embedding`` does). Both are *factored*: ``g_i = sum_t a_it b_it^T``
+with ``a`` dense (``dy``) or one-hot (token ids ``u``). A parameter used by several calls (tied
+input/output embeddings, a module applied twice) has one factored term per call, and its
+per-example gradient is their sum. Two ways to get its block of ``K``:
+
+* ghost products, never forming ``g_i``:
+  ``<g_i, g_j> = sum_{c, c'} sum_{t in i, s in j} <a^c_it, a^c'_js> <b^c_it, b^c'_js>``,
+  where a one-hot factor turns an inner product into a lookup (``<e_u, a> = a[u]``) or a token
+  equality test (``<e_u, e_v> = [u = v]``). Tokens whose factor row is zero (padding, positions
+  without a label) are dropped first. Cost ~ ``M^2 (d_a + d_b)`` for ``M`` kept tokens;
+* materialised ``g_i`` (``bmm`` or ``index_add``) and ``K += G G^T``; cost ~ ``n T d_a d_b + n^2 d_a d_b``,
+  memory ``n d_a d_b``.
+
+``method="auto"`` takes the cheaper by this operation count (ghost when the materialised gradients
+would not fit the memory budget). Per-example gradients of any other kind (bias sums, module-local
+or exact autograd gradients) are added as dense ``(n, ...)`` blocks. Products run in the parameter
+dtype promoted to at least float32; ``K`` is accumulated in float64.
+
+The dot product of each ``g_i`` with a direction ``D`` (same shape as the parameter) is computed from
+the same factors: ``<g_i, D> = sum_t <a_it, D b_it>`` (``D[u_it] . b_it`` for one-hot ``a``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from dynamics.signals.capture import ModuleCall
+
+CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost products
+MATERIALIZE_ELEMENTS = 1 << 27  # largest n * d_a * d_b materialised for one parameter
+
+
+@dataclass
+class Factored:
+    """``g_i = sum_t a_it b_it^T``: ``a`` (n, T, d_a) dense or (n, T) ids (``a_index``); ``b`` (n, T, d_b)."""
+
+    a: Tensor
+    b: Tensor
+    a_index: bool
+    d_a: int
+
+
+def linear_weight_factor(call: ModuleCall) -> Factored:
+    """Factors of ``g_i(W)`` for a captured ``nn.Linear`` call: ``a = dy``, ``b = x``."""
+    x = call.main_input()
+    dy = call.dys[0]
+    n = x.shape[0]
+    return Factored(dy.reshape(n, -1, dy.shape[-1]), x.detach().reshape(n, -1, x.shape[-1]), False, dy.shape[-1])
+
+
+def linear_bias_grad(call: ModuleCall) -> Tensor:
+    """``g_i(b) = sum_t dy_it`` (n, d_out)."""
+    dy = call.dys[0]
+    return dy.reshape(dy.shape[0], -1, dy.shape[-1]).sum(1)
+
+
+def conv_weight_factor(call: ModuleCall) -> Factored:
+    """Factors of ``g_i(W)`` for a captured ``nn.Conv1d/2d`` call (one group, zero padding).
+
+    A convolution is a Linear map on unfolded input patches: ``b`` = the patches (``F.unfold``,
+    channel-major like the weight's ``(C_in, k_h, k_w)`` layout), ``a = dy`` at each output position.
+    """
+    m = call.module
+    x = call.main_input().detach()
+    dy = call.dys[0]
+    n = x.shape[0]
+    if x.dim() == 3:  # Conv1d as a 2-D convolution of height 1
+        x = x.unsqueeze(2)
+        kernel, dilation, padding, stride = (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride)
+    else:
+        kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    a = dy.reshape(n, dy.shape[1], -1).transpose(1, 2)
+    return Factored(a, patches.transpose(1, 2), False, dy.shape[1])
+
+
+def conv_bias_grad(call: ModuleCall) -> Tensor:
+    """``g_i(b) = sum over output positions of dy_i`` (n, C_out)."""
+    dy = call.dys[0]
+    return dy.reshape(dy.shape[0], dy.shape[1], -1).sum(2)
+
+
+def embedding_factor(call: ModuleCall) -> Factored:
+    """Factors of ``g_i(E)`` for a captured ``nn.Embedding`` call: one-hot ids and ``dz``."""
+    ids = call.main_input()
+    dz = call.dys[0]
+    n = ids.shape[0]
+    ids = ids.reshape(n, -1)
+    dz = dz.reshape(n, ids.shape[1], dz.shape[-1])
+    pad = call.module.padding_idx
+    if pad is not None:
+        dz = dz * (ids != pad).unsqueeze(-1).to(dz.dtype)
+    return Factored(ids, dz, True, call.module.num_embeddings)
+
+
+def _prune(f: Factored, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Token rows with a non-zero contribution: ``(a rows, b rows, example index of each row)``."""
+    n, t = f.b.shape[:2]
+    b = f.b.reshape(n * t, -1).to(dtype)
+    keep = (b != 0).any(1)
+    if f.a_index:
+        a = f.a.reshape(n * t)
+    else:
+        a = f.a.reshape(n * t, -1).to(dtype)
+        keep &= (a != 0).any(1)
+    idx = keep.nonzero().squeeze(1)
+    return a[idx], b[idx], torch.div(idx, t, rounding_mode="floor")
+
+
+def _inner(a1: Tensor, i1: bool, a2: Tensor, i2: bool, dtype: torch.dtype) -> Tensor:
+    """Token-by-token inner products of two factors (dense rows or one-hot ids)."""
+    if not i1 and not i2:
+        return a1 @ a2.T
+    if i1 and not i2:
+        return a2[:, a1].T
+    if not i1 and i2:
+        return a1[:, a2]
+    return (a1[:, None] == a2[None, :]).to(dtype)
+
+
+class GramBuilder:
+    """Accumulates ``K`` (float64) and, optionally, ``<g_i, direction>`` over parameters."""
+
+    def __init__(self, n: int, device: torch.device, mode: str = "auto"):
+        if mode not in ("auto", "ghost", "materialize"):
+            raise ValueError(f"mode must be auto, ghost or materialize, got {mode!r}")
+        self.n = n
+        self.device = device
+        self.mode = mode
+        self.K = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self.dots = torch.zeros(n, dtype=torch.float64, device=device)
+        self.has_dots = False
+        self.paths: dict[str, list[int]] = {"ghost": [], "materialized": []}
+        self.eps = torch.finfo(torch.float64).eps
+        self._pending: list[Tensor] = []
+        self._pending_size = 0
+
+    def _note_dtype(self, dtype: torch.dtype) -> None:
+        self.eps = max(self.eps, torch.finfo(dtype).eps)
+
+    def add_dense(self, grads: Tensor, direction: Tensor | None = None) -> None:
+        """Add per-example gradients ``(n, *shape)`` of one parameter."""
+        dtype = torch.promote_types(grads.dtype, torch.float32)
+        self._note_dtype(dtype)
+        flat = grads.reshape(self.n, -1).to(dtype)
+        if direction is not None:
+            self.dots += (flat @ direction.reshape(-1).to(dtype)).double()
+            self.has_dots = True
+        self._pending.append(flat)
+        self._pending_size += flat.numel()
+        if self._pending_size >= CHUNK_ELEMENTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for g in self._pending:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for blocks in by_dtype.values():
+            g = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
+            self.K += (g @ g.T).double()
+        self._pending, self._pending_size = [], 0
+
+    def add_factored(
+        self, pid: int, shape: torch.Size, factors: list[Factored], dense: list[Tensor], direction: Tensor | None
+    ) -> None:
+        """Add one parameter whose per-example gradient is ``sum(factors) + sum(dense)``."""
+        if dense or not factors:
+            total = sum(dense) if dense else None
+            for f in factors:
+                m = self._materialize(f)
+                total = m if total is None else total + m
+            if total is not None:
+                self.add_dense(total.reshape(self.n, *shape), direction)
+                self.paths["materialized"].append(pid)
+            return
+        dtype = torch.promote_types(factors[0].b.dtype, torch.float32)
+        self._note_dtype(dtype)
+        parts = [_prune(f, dtype) for f in factors]
+        d_b = factors[0].b.shape[-1]
+        d_a = factors[0].d_a
+        ghost_ops = 0
+        for c1 in range(len(parts)):
+            for c2 in range(c1, len(parts)):
+                da = 1 if (factors[c1].a_index or factors[c2].a_index) else d_a
+                ghost_ops += len(parts[c1][2]) * len(parts[c2][2]) * (da + d_b + 1)
+        mat_ops = sum(self.n * f.b.shape[1] * (1 if f.a_index else d_a) * d_b for f in factors)
+        mat_ops += self.n * self.n * d_a * d_b
+        fits = self.n * d_a * d_b <= MATERIALIZE_ELEMENTS
+        ghost = self.mode == "ghost" or (self.mode == "auto" and (ghost_ops < mat_ops or not fits))
+        if not ghost:
+            total = None
+            for f in factors:
+                m = self._materialize(f)
+                total = m if total is None else total + m
+            self.add_dense(total.reshape(self.n, *shape), direction)
+            self.paths["materialized"].append(pid)
+            return
+        self.paths["ghost"].append(pid)
+        self.K += self._ghost(parts, [f.a_index for f in factors], dtype)
+        if direction is not None:
+            d = direction.to(dtype).reshape(d_a, -1)
+            for (a, b, seg), f in zip(parts, factors):
+                if f.a_index:
+                    per_row = (d[a] * b).sum(1)
+                else:
+                    per_row = ((b @ d.T) * a).sum(1)
+                self.dots.index_add_(0, seg, per_row.double())
+            self.has_dots = True
+
+    def _materialize(self, f: Factored) -> Tensor:
+        dtype = torch.promote_types(f.b.dtype, torch.float32)
+        b = f.b.to(dtype)
+        n, t, d_b = b.shape
+        if f.a_index:
+            g = torch.zeros(n * f.d_a, d_b, dtype=dtype, device=b.device)
+            offsets = f.a + torch.arange(n, device=b.device)[:, None] * f.d_a
+            g.index_add_(0, offsets.reshape(-1), b.reshape(n * t, d_b))
+            return g.view(n, f.d_a, d_b)
+        return torch.bmm(f.a.to(dtype).transpose(1, 2), b)
+
+    def _ghost(self, parts: list[tuple[Tensor, Tensor, Tensor]], is_index: list[bool], dtype) -> Tensor:
+        n = self.n
+        K = torch.zeros(n, n, dtype=torch.float64, device=self.device)
+        for c1 in range(len(parts)):
+            a1, b1, s1 = parts[c1]
+            for c2 in range(c1, len(parts)):
+                a2, b2, s2 = parts[c2]
+                m1, m2 = len(s1), len(s2)
+                if m1 == 0 or m2 == 0:
+                    continue
+                rows = max(1, CHUNK_ELEMENTS // m2)
+                block = torch.zeros(n, n, dtype=dtype, device=self.device)
+                for r0 in range(0, m1, rows):
+                    r1 = min(m1, r0 + rows)
+                    prod = _inner(a1[r0:r1], is_index[c1], a2, is_index[c2], dtype) * (b1[r0:r1] @ b2.T)
+                    q = torch.zeros(r1 - r0, n, dtype=dtype, device=self.device).index_add_(1, s2, prod)
+                    block.index_add_(0, s1[r0:r1], q)
+                block = block.double()
+                K += block if c1 == c2 else block + block.T
+        return K
+
+    def finish(self) -> Tensor:
+        """The accumulated ``K`` (float64, symmetrised)."""
+        self._flush()
+        return 0.5 * (self.K + self.K.T)

@@ -1,0 +1,49 @@
+"""DDP with two CPU processes over gloo (torchrun): losses of the global batch, one writer, no hang."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from dynamics import load_runs
+from dynamics.store.reader import find_run_dirs
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "hooks" / "torchrun_ddp.py"
+ARGS = ["--steps", "4", "--grad-accum", "2", "--global-batch-size", "8", "--probe-every", "2", "--probe-size", "6"]
+
+
+def _run(cmd: list[str], timeout: float) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:  # a hang fails the test instead of blocking the suite
+        pytest.fail(f"{' '.join(cmd[:4])} did not finish in {timeout} s (a collective waiting forever?):\n{err.stderr}")
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_two_gloo_ranks_record_the_single_process_losses_once(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    _run([*torchrun, str(RECIPE), "--out", str(tmp_path / "ddp"), *ARGS], timeout=120)
+    _run([sys.executable, str(RECIPE), "--out", str(tmp_path / "single"), *ARGS], timeout=120)
+
+    [run_dir] = find_run_dirs(tmp_path / "ddp")  # only rank 0 wrote
+    raw = pq.read_table(run_dir / "metrics").to_pandas()  # every part as written, no de-duplication
+    assert not raw.duplicated(["step", "name", "task", "task_b"]).any()
+    assert sorted(raw.loc[raw["name"] == "train_loss", "step"]) == [1, 2, 3, 4]
+
+    ddp = load_runs(tmp_path / "ddp").metrics.set_index(["step", "name", "task", "task_b"])["value"]
+    single = load_runs(tmp_path / "single").metrics.set_index(["step", "name", "task", "task_b"])["value"]
+    assert set(ddp.index) == set(single.index)
+    for name in ("loss", "n_examples", "n_tokens", "train_loss"):
+        a, b = ddp.xs(name, level="name"), single.xs(name, level="name")
+        assert a.sort_index().tolist() == pytest.approx(b.sort_index().tolist(), rel=1e-5), name
+    for name in ("grad_norm", "grad_cosine", "update_cosine", "fisher_se"):
+        a, b = ddp.xs(name, level="name"), single.xs(name, level="name")
+        assert sorted(a.index.get_level_values("step").unique()) == [2, 4]
+        assert a.sort_index().tolist() == pytest.approx(b.sort_index().tolist(), rel=1e-4, abs=1e-6), name

@@ -1,0 +1,239 @@
+"""The PDF report on realistic run sets: pages, rendering, findings against the statistics layer."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pdf_tools import needs_poppler, page_count, page_text, render, squash
+from synthetic_runs import write_run, write_runs
+
+from dynamics import load_runs
+from dynamics.report import PAGES, build_report
+from dynamics.report.context import build_context
+from dynamics.report.pages_geometry import cosine_matrix
+from dynamics.report.pdf import render_pages
+
+TITLES = {p.key: p.title for p in PAGES}
+ALL_PAGES = ["Overview", *TITLES.values()]
+PROBE_PAGES = [TITLES[k] for k in ("grad_norm", "cosine", "conflict", "fisher")]
+NUMBER = r"(-?\d+(?:\.\d+)?(?:e[+-]\d+)?)"
+
+
+def _close(text: str, value: float, *, p: bool = False) -> bool:
+    """``text`` is ``value`` as the report prints it (3 significant digits; p-values 2)."""
+    x = float(text)
+    if p:
+        return x == pytest.approx(value, rel=0.05, abs=0.005 if value >= 0.01 else 0)
+    return x == pytest.approx(value, rel=6e-3, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """40 runs (IMAX/DMAX x 4 models x 5 seeds), short, with probes and scores; one report with figures."""
+    tmp = tmp_path_factory.mktemp("report40")
+    write_runs(tmp / "runs", n_models=4, n_seeds=5, n_steps=80, probe_every=8)
+    result = build_report([tmp / "runs"], tmp / "out" / "report.pdf", figures_dir=tmp / "figs", progress=False)
+    return SimpleNamespace(root=tmp / "runs", tmp=tmp, result=result, pdf=tmp / "out" / "report.pdf")
+
+
+@pytest.fixture(scope="module")
+def stats(full):
+    """The statistics layer called directly, the way the report is documented to call it."""
+    from dynamics.analysis import compare, correlate, features, forecast
+
+    runset = load_runs(full.root)
+    feats = features(runset, phases=(1 / 3, 2 / 3))
+    return SimpleNamespace(
+        feats=feats,
+        compare=compare(feats, by="construction", pair_on=("model", "seed")),
+        score_compare=compare(feats, by="construction", pair_on=("model", "seed"), features=["multitask_score"]),
+        correlate=correlate(feats, target="multitask_score", method="spearman"),
+        forecast=forecast(runset, target="multitask_score", fractions=(0.1, 0.25, 0.5), group="model"),
+    )
+
+
+def test_full_report_has_every_page(full):
+    assert full.result.pages == ALL_PAGES
+    assert full.result.skipped == {}
+
+
+@needs_poppler
+def test_pdf_page_count_and_no_blank_page(full):
+    assert page_count(full.pdf) == len(full.result.pages)
+    pages = render(full.pdf, full.tmp / "png")
+    assert len(pages) == len(full.result.pages)
+    for number, page in enumerate(pages, start=1):
+        body = page[int(0.2 * page.shape[0]) :]  # below the headline band
+        inked = float((body < 0.9).mean())
+        assert page.std() > 0.05, f"page {number} is (nearly) uniform"
+        assert inked > 0.02, f"page {number} has only {inked:.1%} inked pixels below its headline"
+
+
+def _comparison_row(frame, feature):
+    rows = frame[frame["feature"] == feature]
+    assert len(rows) == 1, f"expected one comparison row for {feature}"
+    return rows.iloc[0]
+
+
+def test_findings_quote_the_comparison(full, stats):
+    # The final score is its own test (a family of one): unadjusted p. diff = b - a, b named first.
+    sentence = next(f for f in full.result.findings if f.startswith("Final score multitask_score"))
+    m = re.search(
+        rf"multitask_score: (\S+) {NUMBER} vs (\S+) {NUMBER} \(difference {NUMBER}, 95% CI {NUMBER} to {NUMBER};"
+        rf".*; p = {NUMBER}\)",
+        sentence,
+    )
+    assert m, sentence
+    row = _comparison_row(stats.score_compare, "multitask_score")
+    assert (m.group(1), m.group(3)) == (str(row["group_b"]), str(row["group_a"]))
+    numbers = [m.group(2), m.group(4), m.group(5), m.group(6), m.group(7)]
+    for text, col in zip(numbers, ["mean_b", "mean_a", "diff", "diff_ci_low", "diff_ci_high"], strict=True):
+        assert _close(text, row[col]), (col, text, row[col])
+    assert _close(m.group(8), row["p_value"], p=True)
+    assert f"n = {int(row['n_pairs'])} pairs" in sentence
+
+    for feature in ("fisher_se/all/mean", "fisher_rho/all/mean"):
+        sentence = next(f for f in full.result.findings if f"({feature})" in f)
+        row = _comparison_row(stats.compare, feature)
+        numbers = re.search(rf"{NUMBER} vs \S+ {NUMBER} \(difference {NUMBER}.*p_holm = {NUMBER}\)", sentence)
+        assert numbers, sentence
+        for text, col in zip(numbers.groups()[:3], ["mean_b", "mean_a", "diff"], strict=True):
+            assert _close(text, row[col]), (feature, col, text, row[col])
+        assert _close(numbers.group(4), row["p_holm"], p=True)
+
+    count = next(f for f in full.result.findings if "training-signal features differ" in f)
+    declared = set(stats.feats.attrs["feature_columns"])
+    signals = stats.compare[stats.compare["feature"].isin(declared)]
+    k, n = map(int, re.match(r"(\d+) of (\d+)", count).groups())
+    assert k == signals.loc[signals["p_holm"] < 0.05, "feature"].nunique()
+    assert n == signals["feature"].nunique()
+
+
+def test_findings_quote_the_correlation_and_forecast(full, stats):
+    sentence = next(f for f in full.result.findings if "Spearman r =" in f)
+    m = re.match(
+        rf"(\S+) goes with multitask_score: Spearman r = {NUMBER} \(95% CI {NUMBER} to {NUMBER}; n = (\d+); "
+        rf"p_holm = {NUMBER}\)",
+        sentence,
+    )
+    assert m, sentence
+    cor = stats.correlate[stats.correlate["feature"].isin(set(stats.feats.attrs["feature_columns"]))]
+    strongest = cor.loc[cor["r"].abs().idxmax()]
+    assert m.group(1) == strongest["feature"]
+    assert float(m.group(2)) == pytest.approx(strongest["r"], abs=0.006)
+    assert float(m.group(3)) == pytest.approx(strongest["ci_low"], abs=0.006)
+    assert float(m.group(4)) == pytest.approx(strongest["ci_high"], abs=0.006)
+    assert int(m.group(5)) == strongest["n"]
+    assert _close(m.group(6), strongest["p_holm"], p=True)
+
+    sentence = next(f for f in full.result.findings if "forecast" in f)
+    m = re.search(rf"first {NUMBER}% of training.*Spearman {NUMBER}, R² {NUMBER}, MAE {NUMBER} vs {NUMBER}", sentence)
+    assert m, sentence
+    fc = stats.forecast.set_index("fraction")
+    row = fc.loc[min(fc.index, key=lambda f: abs(100 * f - float(m.group(1))))]
+    assert float(m.group(2)) == pytest.approx(row["spearman"], abs=0.006)
+    assert float(m.group(3)) == pytest.approx(row["r2"], abs=0.006)
+    assert _close(m.group(4), row["mae"]) and _close(m.group(5), row["baseline_mae"])
+    beats = "better than the baseline" in sentence
+    assert beats == bool(row["mae"] < row["baseline_mae"])
+    if beats:  # the earliest fraction that beats the baseline
+        earlier = fc[fc.index < row.name]
+        assert not (earlier["mae"] < earlier["baseline_mae"]).any()
+
+
+@needs_poppler
+def test_first_page_prints_the_findings(full):
+    text = page_text(full.pdf, 1)
+    assert "Key findings" in text and "40 run(s)" in text
+    for sentence in full.result.findings:
+        assert squash(sentence) in text, sentence
+
+
+def test_figures_written_as_png_and_svg(full):
+    figs = sorted(p.name for p in (full.tmp / "figs").iterdir())
+    assert len(figs) == 2 * len(full.result.pages) == len(full.result.figures)
+    assert figs[0].startswith("00_overview.") and any(f.startswith("01_loss.") for f in figs)
+    for path in full.result.figures:
+        assert path.stat().st_size > 1000
+        if path.suffix == ".svg":
+            assert ET.parse(path).getroot().tag.endswith("svg")
+        else:
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_poppler
+def test_losses_only_runs_leave_out_probe_and_score_pages(tmp_path):
+    write_runs(tmp_path / "runs", n_models=2, n_seeds=2, n_steps=60, probe_every=None, scores=False)
+    result = build_report([tmp_path / "runs"], tmp_path / "r.pdf", progress=False)
+    assert result.pages[:2] == ["Overview", TITLES["loss"]]
+    assert set(PROBE_PAGES) <= set(result.skipped)
+    for title in PROBE_PAGES:
+        assert "without probes" in result.skipped[title] or "no '" in result.skipped[title]
+    for title in (TITLES["correlation"], TITLES["forecast"]):
+        assert "no final scores" in result.skipped[title]
+    assert len(result.pages) + len(result.skipped) == len(ALL_PAGES)
+    assert page_count(tmp_path / "r.pdf") == len(result.pages)
+    text = page_text(tmp_path / "r.pdf", 1)
+    assert "Pages left out" in text and "losses only" in text
+    for title in result.skipped:
+        assert title in text
+
+
+def test_single_run(tmp_path):
+    write_run(tmp_path / "solo", n_steps=60, probe_every=6, tags={"construction": "IMAX", "model": "m0", "seed": 0})
+    result = build_report([tmp_path / "solo"], tmp_path / "r.pdf", progress=False)
+    assert result.pages == ["Overview", TITLES["loss"], *PROBE_PAGES]
+    assert set(result.skipped) == {TITLES["comparison"], TITLES["correlation"], TITLES["forecast"]}
+    assert "no group" in result.skipped[TITLES["comparison"]]
+
+
+def test_runs_with_different_task_sets(tmp_path):
+    for i, (tasks, c) in enumerate([(("cls", "vqa", "seg"), "IMAX"), (("cls", "vqa", "det"), "DMAX")] * 2):
+        tags = {"construction": c, "model": "m0", "seed": i // 2}
+        write_run(tmp_path / f"run{i}", tasks=tasks, n_steps=60, probe_every=6, tags=tags, seed=i)
+    ctx = build_context([tmp_path], statistics=False)
+    assert ctx.tasks == ["cls", "vqa", "seg", "det"]
+    pages, skipped, _ = render_pages(ctx)
+    loss = next(fig for key, _, fig in pages if key == "loss")
+    assert sorted(ax.get_title() for ax in loss.axes if ax.get_visible() and ax.get_title()) == ["cls", "det", "seg", "vqa"]
+    cos = ctx.metric("grad_cosine")
+    mat = cosine_matrix(cos.groupby(["task", "task_b"], as_index=False)["value"].mean(), ctx.tasks)
+    assert np.isnan(mat.loc["det", "seg"])  # no run has both
+    assert not np.isnan(mat.loc["seg", "cls"]) and not np.isnan(mat.loc["det", "vqa"])
+    result = build_report([tmp_path], tmp_path / "r.pdf", progress=False)
+    assert result.pages[:6] == ["Overview", TITLES["loss"], *PROBE_PAGES]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"run_dirs": ["{tmp}/missing"]}, FileNotFoundError, "does not exist"),
+        ({"run_dirs": ["{tmp}/empty"]}, ValueError, "not a run"),
+        ({"out": "{tmp}"}, ValueError, "is a directory"),
+        ({"out": "{tmp}/report.png"}, ValueError, "does not end in .pdf"),
+        ({"group": "method"}, ValueError, "not a tag of these runs"),
+        ({"pair": "model,gpu"}, ValueError, "not tags of these runs"),
+        ({"target": "score/cls/f1"}, ValueError, "not a score of these runs"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(tmp_path, kwargs, error, match):
+    write_runs(tmp_path / "runs", n_models=1, n_seeds=1, n_steps=20, probe_every=None)
+    (tmp_path / "empty").mkdir()
+    args = {"run_dirs": [tmp_path / "runs"], "out": tmp_path / "r.pdf"}
+    args.update({k: [v.format(tmp=tmp_path) for v in val] if isinstance(val, list) else val for k, val in kwargs.items()})
+    if isinstance(args["out"], str):
+        args["out"] = Path(args["out"].format(tmp=tmp_path))
+    with pytest.raises(error, match=match):
+        build_report(args.pop("run_dirs"), args.pop("out"), progress=False, **args)
+
+
+def test_progress_bar_reports_steps(tmp_path, capsys):
+    write_runs(tmp_path / "runs", n_models=1, n_seeds=1, n_steps=20, probe_every=None, scores=False)
+    build_report([tmp_path / "runs"], tmp_path / "r.pdf", progress=True)
+    err = capsys.readouterr().err
+    assert "step" in err and "%" in err

@@ -1,0 +1,156 @@
+"""Fast-path coverage rules: every awkward parameter use still gives the brute-force Gram."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from reference import ref_grads
+from signals_helpers import build
+from torch import nn
+from torch.nn import functional as F
+
+from dynamics import probe
+
+N, D = 6, 5
+
+
+class Awkward(nn.Module):
+    """Parameters used in the ways a hook-based fast path can get wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(D, D)  # called twice
+        self.viewed = nn.Linear(D, D)  # 3-D output is a view; an in-place op rewrites its graph
+        self.proj = nn.Linear(D, D, bias=False)  # weight also read directly by the parent
+        self.extra = nn.ParameterDict({"scale": nn.Parameter(torch.randn(D))})  # used by the parent
+        self.seq_first = nn.Linear(D, D)  # sees (T, n, d): not batch-first
+        self.emb = nn.Embedding(7, D, padding_idx=0)
+        self.pos = nn.Embedding(3, D)  # applied to broadcast position ids (1, T)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, ids):
+        h = x + self.emb(ids) + self.pos(torch.arange(3).unsqueeze(0))  # (n, 3, D)
+        h = torch.tanh(self.shared(h))
+        h = self.shared(h)
+        h = torch.relu_(self.viewed(h))
+        h = self.proj(h) + F.linear(h, self.proj.weight) * self.extra["scale"]
+        h = self.seq_first(h.transpose(0, 1)).transpose(0, 1)
+        return self.head(self.norm(h).mean(1))
+
+
+def _awkward_batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 3, D, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 7, (N, 3), generator=gen)
+    ids[0, 0] = 0  # padding index occurs
+    return {"x": x, "ids": ids, "labels": torch.randint(0, 3, (N,), generator=gen)}
+
+
+@pytest.mark.parametrize("method", ["auto", "ghost", "materialize"])
+def test_awkward_uses_match_brute_force(method):
+    torch.manual_seed(1)
+    model = Awkward().double()
+    batch = _awkward_batch()
+    params = list(model.parameters())
+    G, _, _ = ref_grads(model, batch, params, "classification")
+    res = probe(model, batch, task_ids=torch.arange(N) % 2, method=method)
+    np.testing.assert_allclose(res.gram.numpy(), G @ G.T, rtol=1e-9, atol=1e-12 * np.abs(G @ G.T).max())
+    cov = {name: path for path, names in res.coverage.items() for name in names}
+    # the Linear called twice stays on the factored fast path (two terms per example)
+    assert cov["shared.weight"] in ("ghost", "materialized")
+    # read outside its module, owned by a ParameterDict, not batch-first, broadcast, or whose
+    # captured output edge left the graph (in-place op on a view): module path
+    for name in ("proj.weight", "extra.scale", "seq_first.weight", "pos.weight", "viewed.weight"):
+        assert cov[name] == "module", name
+    assert cov["emb.weight"] in ("ghost", "materialized")
+    assert res.coverage["exact"] == []
+
+
+def test_inplace_relu_on_a_linear_output_stays_on_the_fast_path():
+    model, batch, task_ids, kind = build("mlp")  # fc2 -> ReLU(inplace=True)
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), kind)
+    for method in ("ghost", "materialize"):
+        res = probe(model, batch, task_ids=task_ids, method=method)
+        assert "fc2.weight" in res.coverage["ghost"] + res.coverage["materialized"]
+        np.testing.assert_allclose(res.gram.numpy(), G @ G.T, rtol=1e-9, atol=1e-14)
+
+
+class NotBatchFirstOutput(nn.Module):
+    """The root returns (classes, n): no captured call is batch-first; global exact fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(D, 3)
+        self.mix = nn.Linear(N, N, bias=False)  # mixes examples along the batch axis
+
+    def forward(self, x):
+        return self.lin(self.mix(x.T).T).T
+
+
+def test_exact_fallback_when_nothing_is_batch_first():
+    torch.manual_seed(2)
+    model = NotBatchFirstOutput().double()
+    x = torch.randn(N, D, dtype=torch.float64)
+    labels = torch.randint(0, 3, (N,))
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b).T, labels, reduction="none")
+
+    res = probe(model, x, task_ids=torch.zeros(N, dtype=torch.long), loss=loss_fn)
+    assert sorted(res.coverage["exact"]) == ["mix.weight"]
+    model.eval()
+    losses = loss_fn(model, x)
+    G = torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], list(model.parameters()), retain_graph=True)]) for i in range(N)]
+    ).numpy()
+    order = {id(p): k for k, p in enumerate(model.parameters())}
+    assert order  # parameters enumerate in the same order as above
+    np.testing.assert_allclose(res.gram.numpy(), G @ G.T, rtol=1e-9, atol=1e-14)
+
+
+class _Scale(torch.autograd.Function):
+    """Old-style autograd.Function (no setup_context): torch.func transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x, s):
+        ctx.save_for_backward(x, s)
+        return x * s
+
+    @staticmethod
+    def backward(ctx, g):
+        x, s = ctx.saved_tensors
+        return g * s, (g * x).sum_to_size(s.shape)
+
+
+class NoVmap(nn.Module):
+    """A module with its own parameter whose forward cannot be vmapped: the per-example loop runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(_Scale.apply(x, self.scale))
+
+
+def test_module_path_falls_back_to_a_loop_when_vmap_fails():
+    torch.manual_seed(3)
+    model = NoVmap().double()
+    batch = {"x": torch.randn(N, D, dtype=torch.float64), "labels": torch.randint(0, 3, (N,))}
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    res = probe(model, batch, task_ids=torch.zeros(N, dtype=torch.long))
+    assert "scale" in res.coverage["module"]
+    np.testing.assert_allclose(res.gram.numpy(), G @ G.T, rtol=1e-9, atol=1e-14)
+
+
+def test_llava_needs_no_exact_fallback():
+    """Broadcast CLIP position embeddings go through their parent module, not n backward passes."""
+    model, batch, task_ids, _ = build("llava", dtype=torch.float32)
+    res = probe(model, batch, task_ids=task_ids)
+    assert res.coverage["exact"] == []
+    assert "model.vision_tower.embeddings.position_embedding.weight" in res.coverage["module"]
+    assert "model.vision_tower.embeddings.patch_embedding.weight" in res.coverage["module"]
+    assert "lm_head.weight" in res.coverage["ghost"] + res.coverage["materialized"]
