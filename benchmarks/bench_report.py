@@ -28,8 +28,12 @@ BUDGET_S = 30.0
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=40, help="number of runs (even: IMAX/DMAX x models x seeds)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=40, help="number of runs (even: IMAX/DMAX x models x seeds)"
+    )
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--probe-every", type=int, default=10)
     parser.add_argument("--figures", action="store_true", help="also export PNG and SVG figures")
@@ -40,7 +44,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "runs"
         t0 = time.perf_counter()
-        dirs = write_runs(root, n_models=n_models, n_seeds=n_seeds, tasks=TASKS, n_steps=args.steps, probe_every=args.probe_every)
+        dirs = write_runs(
+            root,
+            n_models=n_models,
+            n_seeds=n_seeds,
+            tasks=TASKS,
+            n_steps=args.steps,
+            probe_every=args.probe_every,
+        )
         write_s = time.perf_counter() - t0
         result = build_report(
             [root],
@@ -50,14 +61,18 @@ def main() -> None:
         )
         size = (Path(tmp) / "report.pdf").stat().st_size
 
-    print(f"runs: {len(dirs)} x {args.steps} steps, {len(TASKS)} tasks, probes every {args.probe_every} steps")
+    print(
+        f"runs: {len(dirs)} x {args.steps} steps, {len(TASKS)} tasks, probes every {args.probe_every} steps"
+    )
     print(f"writing the runs (not part of the report): {write_s:.1f} s")
     print(f"{'step':<40} {'seconds':>8} {'of budget':>10}")
     for label, seconds in result.timings.items():
         print(f"{label:<40} {seconds:8.2f} {seconds / BUDGET_S:10.1%}")
     print(f"{'total build_report':<40} {result.seconds:8.2f} {result.seconds / BUDGET_S:10.1%}")
     print(f"pages: {result.n_pages} ({size / 1e6:.1f} MB), left out: {list(result.skipped) or 'none'}")
-    print(f"budget {BUDGET_S:.0f} s: {'met' if result.seconds < BUDGET_S else 'MISSED'} (ratio {result.seconds / BUDGET_S:.2f})")
+    print(
+        f"budget {BUDGET_S:.0f} s: {'met' if result.seconds < BUDGET_S else 'MISSED'} (ratio {result.seconds / BUDGET_S:.2f})"
+    )
 
 
 if __name__ == "__main__":

@@ -113,7 +113,9 @@ def report_cmd(
     group: Annotated[str | None, typer.Option("--group", help=_GROUP_HELP)] = None,
     pair: Annotated[str | None, typer.Option("--pair", help=_PAIR_HELP)] = None,
     target: Annotated[str, typer.Option("--target", help=_TARGET_HELP)] = "multitask_score",
-    figures: Annotated[Path | None, typer.Option("--figures", help="Also write each page as PNG and SVG here.")] = None,
+    figures: Annotated[
+        Path | None, typer.Option("--figures", help="Also write each page as PNG and SVG here.")
+    ] = None,
     title: Annotated[str | None, typer.Option("--title", help="Headline of the first page.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
 ) -> None:
@@ -147,10 +149,11 @@ def summary_cmd(
     from dynamics.report import print_summary
 
     try:
-        print_summary([str(p) for p in paths], group=group, pair=pair, target=target, max_rows=rows, progress=progress)
+        print_summary(
+            [str(p) for p in paths], group=group, pair=pair, target=target, max_rows=rows, progress=progress
+        )
     except (FileNotFoundError, ValueError) as err:
         raise _fail(err) from err
-
 
 
 # ---- reproduce commands (dynamics.experiments) -----------------------------------------------

@@ -63,7 +63,7 @@ class ProbeResult:
     * ``missing_tasks``: tasks without examples (or without supervised tokens) in this batch:
       their entries are NaN, and they produce no rows;
     * ``coverage``: parameter names by the path that computed their gradients
-      (``ghost``, ``materialized``, ``module``, ``exact``, ``unused``).
+      (``ghost``, ``materialized``, ``rule``, ``module``, ``exact``, ``unused``).
     """
 
     gram: Tensor
@@ -169,7 +169,7 @@ def _resolve_direction(direction: Any, chosen: list[tuple[str, Tensor]]) -> dict
                 "give one tensor per chosen parameter, in model.named_parameters() order, or a dict by name"
             )
     out = {}
-    for (name, p), d in zip(chosen, tensors):
+    for (name, p), d in zip(chosen, tensors, strict=True):
         if not isinstance(d, Tensor) or d.shape != p.shape:
             got = tuple(d.shape) if isinstance(d, Tensor) else type(d).__name__
             raise ValueError(f"direction for {name!r} must be a tensor of shape {tuple(p.shape)}, got {got}")
@@ -309,7 +309,7 @@ def probe(
         fisher_rho=spec.rho,
         fisher_eff_rank=spec.eff_rank,
         noise_scale=noise_scale(gr.gram).b_simple,
-        missing_tasks=[t for t, ok in zip(names, present.tolist()) if not ok],
+        missing_tasks=[t for t, ok in zip(names, present.tolist(), strict=True) if not ok],
         loss_kind=kind,
         hessian_top=hess,
         direction_cosine=dcos,

@@ -51,10 +51,19 @@ def build_model(kind: str) -> torch.nn.Module:
     if kind == "llama":
         return LlamaForCausalLM(text)
     vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
     )
     config = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, image_seq_length=16, attn_implementation="eager"
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        image_seq_length=16,
+        attn_implementation="eager",
     )
     return LlavaForConditionalGeneration(config)
 
@@ -73,7 +82,12 @@ class MultiTaskData(Dataset):
             ids = torch.cat([torch.full((n_image,), IMAGE_TOKEN), text])
             labels = ids.clone()
             labels[: n_image + 1] = -100  # no loss on the image and the first text token
-            item = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "task_ids": task}
+            item = {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "labels": labels,
+                "task_ids": task,
+            }
             if images:
                 item["pixel_values"] = torch.randn(3, 16, 16, generator=gen)
             self.items.append(item)
@@ -87,7 +101,9 @@ class MultiTaskData(Dataset):
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/hf_trainer", help="Trainer output_dir (the store goes in <out>/dynamics)")
+    parser.add_argument(
+        "--out", default="runs/hf_trainer", help="Trainer output_dir (the store goes in <out>/dynamics)"
+    )
     parser.add_argument("--model", choices=["llama", "llava"], default="llava")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=6)

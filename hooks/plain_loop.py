@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> Path:
     with torch.no_grad():
         pred = model(test["x"])["logits"].argmax(1)
     rec.record_scores(
-        {t: {"accuracy": float((pred == test["labels"])[test["task_ids"] == k].float().mean())} for k, t in enumerate(TASKS)}
+        {
+            t: {"accuracy": float((pred == test["labels"])[test["task_ids"] == k].float().mean())}
+            for k, t in enumerate(TASKS)
+        }
     )
     rec.close()
     print(f"run store: {rec.run_dir}")

@@ -25,10 +25,14 @@ from hf_trainer import TASKS, MultiTaskData, build_model  # noqa: E402
 
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/torchrun_ddp", help="Trainer output_dir (store in <out>/dynamics)")
+    parser.add_argument(
+        "--out", default="runs/torchrun_ddp", help="Trainer output_dir (store in <out>/dynamics)"
+    )
     parser.add_argument("--model", choices=["llama", "llava"], default="llama")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--global-batch-size", type=int, default=8, help="examples per optimizer step, all ranks")
+    parser.add_argument(
+        "--global-batch-size", type=int, default=8, help="examples per optimizer step, all ranks"
+    )
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--probe-every", type=int, default=5)
     parser.add_argument("--probe-size", type=int, default=12)
@@ -42,7 +46,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device, rest = divmod(args.global_batch_size, world * args.grad_accum)
     if rest or per_device < 1:
-        raise SystemExit(f"--global-batch-size {args.global_batch_size} must be a multiple of world size x grad accum")
+        raise SystemExit(
+            f"--global-batch-size {args.global_batch_size} must be a multiple of world size x grad accum"
+        )
     cuda = torch.cuda.is_available()
     training_args = TrainingArguments(
         output_dir=args.out,

@@ -61,7 +61,12 @@ def ref_grads(model, batch, params, kind: str) -> tuple[np.ndarray, np.ndarray, 
         for i in range(losses.shape[0]):
             gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
             rows.append(
-                torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)])
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for g, p in zip(gs, params, strict=True)
+                    ]
+                )
             )
     finally:
         model.train(was)
@@ -175,7 +180,14 @@ def ref_hessian(model, batch, params, kind: str) -> np.ndarray:
         rows = []
         for k in range(flat.numel()):
             hs = torch.autograd.grad(flat[k], params, retain_graph=True, allow_unused=True)
-            rows.append(torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hs, params)]))
+            rows.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if h is None else h).reshape(-1)
+                        for h, p in zip(hs, params, strict=True)
+                    ]
+                )
+            )
     finally:
         model.train(was)
     return torch.stack(rows).double().numpy()

@@ -23,7 +23,9 @@ def test_notebook_is_stored_without_outputs(path):
     nb = nbformat.read(path, as_version=4)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"{path.name} cell {i} has outputs: strip them"
+            assert not cell.outputs and cell.execution_count is None, (
+                f"{path.name} cell {i} has outputs: strip them"
+            )
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -176,9 +176,7 @@ def tiny_llama(tie_word_embeddings: bool = False, seed: int = 0, dtype: torch.dt
     return model.to(dtype)
 
 
-def llama_batch(
-    n: int = 8, seq_len: int = 12, n_tasks: int = 3, seed: int = 0
-) -> tuple[Batch, torch.Tensor]:
+def llama_batch(n: int = 8, seq_len: int = 12, n_tasks: int = 3, seed: int = 0) -> tuple[Batch, torch.Tensor]:
     """Right-padded causal-LM batch with variable lengths and a masked prompt prefix.
 
     ``input_ids`` (n, seq_len): BOS, random tokens, PAD after each row's length;

@@ -179,7 +179,12 @@ def correlate(
             row["ci_low"], row["ci_high"] = bootstrap_ci(
                 (x, y), stat, n_resamples=n_boot, rng=rng, paired=True, confidence=confidence, batch=batch
             )
-            row["p_perm"] = permutation_pvalue(x, y, stat, n_resamples=n_perm, rng=rng, batch=batch)
+            if method == "spearman":  # ranks only move with the permutation: rank once, then Pearson
+                row["p_perm"] = permutation_pvalue(
+                    stats.rankdata(x), stats.rankdata(y), CORRELATIONS["pearson"], n_resamples=n_perm, rng=rng
+                )
+            else:
+                row["p_perm"] = permutation_pvalue(x, y, stat, n_resamples=n_perm, rng=rng, batch=batch)
             if control_cols:
                 both = ok & ctrl_ok
                 pr, pp, pdf = partial_correlation(

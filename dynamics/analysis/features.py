@@ -217,54 +217,10 @@ def features(
         {"run": s_run, "name": s_name_str, "task": task_label, **{k: summary[k] for k in all_stats}}
     )
     table = table.astype({"name": object, "task": object})
-    # Overall ("all") for per-task signals without a global series, and "pairs" for pairwise ones.
-    per_task = table[~is_global & ~is_pair]
-    has_global = set(zip(table.loc[is_global, "run"], table.loc[is_global, "name"], strict=True))
-    derived = []
-    if len(per_task):
-        agg = per_task.groupby(["run", "name"], sort=False)[all_stats].mean().reset_index()
-        agg = agg[[(r, n) not in has_global for r, n in zip(agg["run"], agg["name"], strict=True)]]
-        derived.append(agg.assign(task="all"))
-    pairs = table[is_pair]
-    if len(pairs):
-        derived.append(
-            pairs.groupby(["run", "name"], sort=False)[all_stats].mean().reset_index().assign(task="pairs")
-        )
-    if derived:
-        table = pd.concat([table, *derived], ignore_index=True)
-
-    # Column order: name, then all / tasks / pairs / a|b, then stat.
-    curv_names_set = set(curvature_names)
-    col_keys = table[["name", "task"]].drop_duplicates()
-    if names is not None:
-        extra = [n for n in names if n not in set(col_keys["name"])]
-        col_keys = pd.concat([col_keys, pd.DataFrame({"name": extra, "task": "all"})], ignore_index=True)
-
-    def task_rank(t: str) -> tuple[int, str]:
-        return (0 if t == "all" else 2 if t == "pairs" else 3 if "|" in t else 1, t)
-
-    col_keys = sorted(
-        zip(col_keys["name"], col_keys["task"], strict=True), key=lambda nt: (nt[0], task_rank(nt[1]))
+    feat_frame = _widen(
+        _add_overall(table, is_global, is_pair, all_stats), run_ids, all_stats, names, curvature_names
     )
-    columns, blocks = [], []
-    n_runs = len(run_ids)
-    slot = {nt: i for i, nt in enumerate(col_keys)}
-    pos = np.array([slot[nt] for nt in zip(table["name"], table["task"], strict=True)], dtype=np.int64)
-    run_pos = table["run"].to_numpy(dtype=np.int64)
-    for stat in all_stats:
-        block = np.full((n_runs, len(col_keys)), np.nan)
-        block[run_pos, pos] = table[stat].to_numpy(dtype=float)
-        blocks.append(block)
-    # Interleave so that columns read name/task/stat with stats innermost.
-    keep_cols: list[int] = []
-    for j, (name, task) in enumerate(col_keys):
-        for i, stat in enumerate(all_stats):
-            if stat.startswith("curv_") and (name not in curv_names_set or "|" in task or task == "pairs"):
-                continue
-            columns.append(f"{name}/{task}/{stat}")
-            keep_cols.append(i * len(col_keys) + j)
-    stacked = np.concatenate(blocks, axis=1) if blocks else np.empty((n_runs, 0))
-    feat_frame = pd.DataFrame(stacked[:, keep_cols], index=run_ids, columns=columns)
+    columns = list(feat_frame.columns)
 
     out = pd.DataFrame({"run_id": run_ids.to_numpy()}, index=run_ids)
     for tag in tag_cols:
@@ -279,6 +235,67 @@ def features(
     out.attrs["score_columns"] = [*score_cols, "multitask_score"]
     out.attrs["phases"] = list(windows)
     return out
+
+
+def _add_overall(
+    table: pd.DataFrame, is_global: np.ndarray, is_pair: np.ndarray, stats: list[str]
+) -> pd.DataFrame:
+    """Append the ``all`` rows of per-task signals that have no global series, and the ``pairs`` rows.
+
+    Whether ``all`` is the logged global series or the mean over tasks is decided per signal name
+    for the whole collection, so one column never mixes the two definitions.
+    """
+    global_names = set(table.loc[is_global, "name"])
+    derived = []
+    per_task = table[~is_global & ~is_pair & ~table["name"].isin(global_names).to_numpy()]
+    if len(per_task):
+        derived.append(
+            per_task.groupby(["run", "name"], sort=False)[stats].mean().reset_index().assign(task="all")
+        )
+    pairs = table[is_pair]
+    if len(pairs):
+        derived.append(
+            pairs.groupby(["run", "name"], sort=False)[stats].mean().reset_index().assign(task="pairs")
+        )
+    return pd.concat([table, *derived], ignore_index=True) if derived else table
+
+
+def _widen(
+    table: pd.DataFrame,
+    run_ids: pd.Index,
+    stats: list[str],
+    names: Sequence[str] | None,
+    curvature_names: Sequence[str],
+) -> pd.DataFrame:
+    """One row per run, columns ``name/task/stat`` ordered by name, then all / tasks / pairs / a|b, then stat."""
+    col_keys = table[["name", "task"]].drop_duplicates()
+    if names is not None:
+        extra = [n for n in names if n not in set(col_keys["name"])]
+        col_keys = pd.concat([col_keys, pd.DataFrame({"name": extra, "task": "all"})], ignore_index=True)
+
+    def task_rank(t: str) -> tuple[int, str]:
+        return (0 if t == "all" else 2 if t == "pairs" else 3 if "|" in t else 1, t)
+
+    keys = sorted(
+        zip(col_keys["name"], col_keys["task"], strict=True), key=lambda nt: (nt[0], task_rank(nt[1]))
+    )
+    slot = {nt: i for i, nt in enumerate(keys)}
+    pos = np.array([slot[nt] for nt in zip(table["name"], table["task"], strict=True)], dtype=np.int64)
+    run_pos = table["run"].to_numpy(dtype=np.int64)
+    # values[run, stat, key]: scattered once per stat, then read out with stats innermost.
+    values = np.full((len(run_ids), len(stats), len(keys)), np.nan)
+    for i, stat in enumerate(stats):
+        values[run_pos, i, pos] = table[stat].to_numpy(dtype=float)
+    curv_ok = set(curvature_names)
+    columns, take = [], []
+    for j, (name, task) in enumerate(keys):
+        for i, stat in enumerate(stats):
+            if stat.startswith("curv_") and (name not in curv_ok or "|" in task or task == "pairs"):
+                continue
+            columns.append(f"{name}/{task}/{stat}")
+            take.append((i, j))
+    data = values[:, [i for i, _ in take], [j for _, j in take]] if take else np.empty((len(run_ids), 0))
+    return pd.DataFrame(data, index=run_ids, columns=columns)
 
 
 def _score_columns(scores: pd.DataFrame, run_ids: pd.Index) -> tuple[pd.DataFrame, list[str]]:

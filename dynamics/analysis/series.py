@@ -121,10 +121,11 @@ def _phase_means(
     n_win = len(names)
     idx = _phase_index(frac, windows)
     if idx is not None:  # one pass for the usual early / middle / late split
-        sel = idx >= 0
-        flat = series[sel] * n_win + idx[sel]
-        n = np.bincount(flat, minlength=n_series * n_win).reshape(n_series, n_win)
-        tot = np.bincount(flat, y[sel], minlength=n_series * n_win).reshape(n_series, n_win)
+        # Points outside every window go to an extra slot per series (no masked copies of the data).
+        slots = n_win + 1
+        flat = series * slots + np.where(idx >= 0, idx, n_win)
+        n = np.bincount(flat, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
+        tot = np.bincount(flat, y, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
     else:
         n = np.zeros((n_series, n_win))
         tot = np.zeros((n_series, n_win))

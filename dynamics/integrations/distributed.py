@@ -11,7 +11,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_distributed", "rank", "world_size", "is_main_process", "reduce_device", "all_reduce_sum", "sharding_reason"]
+__all__ = [
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "reduce_device",
+    "all_reduce_sum",
+    "sharding_reason",
+]
 
 
 def is_distributed() -> bool:
@@ -70,7 +78,9 @@ def sharding_reason(model: nn.Module | None, trainer: object | None = None) -> s
         if getattr(trainer, "is_fsdp_enabled", False):
             return "parameters are sharded by FSDP"
         if getattr(trainer, "is_deepspeed_enabled", False):
-            plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None)
+            plugin = getattr(
+                getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None
+            )
             if getattr(plugin, "zero_stage", None) == 3:
                 return "parameters are partitioned by DeepSpeed ZeRO-3"
     if model is None:

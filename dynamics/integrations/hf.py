@@ -126,19 +126,25 @@ class DynamicsCallback(TrainerCallback):
         frame = sys._getframe(1)
         while frame is not None:
             candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer) and self in getattr(candidate.callback_handler, "callbacks", []):
+            if isinstance(candidate, Trainer) and self in getattr(
+                candidate.callback_handler, "callbacks", []
+            ):
                 return candidate
             frame = frame.f_back
         return None
 
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.trainer is None:
             trainer = self._find_trainer()
             if trainer is not None:
                 self.bind(trainer)
 
     # ------------------------------------------------------------------ training
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.trainer is None and (trainer := self._find_trainer()) is not None:
             self.bind(trainer)
         model = self.trainer.model if self.trainer is not None else kwargs.get("model")
@@ -159,7 +165,9 @@ class DynamicsCallback(TrainerCallback):
             self._build_probe_batch(args, dataloader, collate)
 
     def _build_probe_batch(self, args: TrainingArguments, dataloader: Any, collate: Any) -> None:
-        dataset = self.probe_dataset if self.probe_dataset is not None else getattr(dataloader, "dataset", None)
+        dataset = (
+            self.probe_dataset if self.probe_dataset is not None else getattr(dataloader, "dataset", None)
+        )
         if collate is None and self.trainer is not None:
             collate = self.trainer.data_collator
         if dataset is None or collate is None:
@@ -184,10 +192,14 @@ class DynamicsCallback(TrainerCallback):
         self._lr = float(groups[0]["lr"]) if groups else None  # the rate this update uses
         self.recorder.before_update(state.global_step + 1)
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.recorder.after_update(state.global_step + 1)
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.recorder.end_step(state.global_step, lr=self._lr)
 
     def on_log(
@@ -214,11 +226,15 @@ class DynamicsCallback(TrainerCallback):
         if scores:
             self.recorder.record_scores(scores)
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.recorder.sync()  # the store holds every step up to the checkpoint
         self.recorder.flush()
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self.recorder.sync()
         self.recorder.flush()
 

@@ -92,7 +92,9 @@ class LoopRecorder:
             self.recorder.set_probe_batch(probe_batch)
         elif probe_dataset is not None:
             collate = collate_fn or torch.utils.data.default_collate
-            batch, task_ids = build_probe_batch(probe_dataset, collate, len(self.recorder.tasks), probe_size, seed=seed)
+            batch, task_ids = build_probe_batch(
+                probe_dataset, collate, len(self.recorder.tasks), probe_size, seed=seed
+            )
             self.recorder.set_probe_batch(batch, task_ids)
         self.step = int(start_step)
         self.recorder.start()
@@ -105,7 +107,9 @@ class LoopRecorder:
         """Report one micro-batch's logits and labels (for models called without ``labels=``)."""
         self.recorder.observe_logits(logits, labels, task_ids)
 
-    def observe_losses(self, loss_sum: torch.Tensor, task_ids: Any, counts: torch.Tensor | None = None) -> None:
+    def observe_losses(
+        self, loss_sum: torch.Tensor, task_ids: Any, counts: torch.Tensor | None = None
+    ) -> None:
         """Report per-example summed losses ``S_i`` and their item counts ``N_i`` (default 1)."""
         self.recorder.observe_losses(loss_sum, task_ids, counts)
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamics.signals.losses import IGNORE_INDEX, causal_lm_losses, classification_losses, get_logits
+from dynamics.signals.losses import IGNORE_INDEX, classification_losses, get_logits
 
 __all__ = [
     "LOSS_KINDS",
@@ -52,7 +52,7 @@ LOSS_KINDS = ("causal_lm", "token", "classification", "multilabel", "regression"
 LossSpec = str | Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 # Logit elements upcast at once: bounds the float32 copy (transformers upcasts all logits at once;
-# chunking over examples keeps our recomputation from doubling that peak).
+# chunking keeps our recomputation from doubling that peak).
 _CHUNK_ELEMENTS = 1 << 25
 
 
@@ -124,7 +124,9 @@ def per_example_loss(
     logits = logits.detach()
     if callable(kind):
         loss_sum, count = kind(logits, labels)
-        return loss_sum.detach().float().reshape(-1), torch.as_tensor(count, device=loss_sum.device).float().reshape(-1)
+        return loss_sum.detach().float().reshape(-1), torch.as_tensor(
+            count, device=loss_sum.device
+        ).float().reshape(-1)
     labels = labels.to(logits.device)
     if kind == "causal_lm" and shift_labels is None:
         # transformers pads then shifts: position t predicts token t+1, the last predicts nothing.
@@ -136,24 +138,27 @@ def per_example_loss(
                 f"labels of shape {tuple(targets.shape)} do not match logits of shape {tuple(logits.shape)}; "
                 "per-token losses need one label per logit position"
             )
-        # The per-token terms are signals.losses' (the probe's); chunks bound the float32 copy.
-        rows = max(1, _CHUNK_ELEMENTS // max(1, logits[0].numel()))
-        mean, count = zip(
-            *(
-                causal_lm_losses(logits[i : i + rows].flatten(1, -2), None, targets[i : i + rows].flatten(1))
-                for i in range(0, logits.shape[0], rows)
-            ),
-            strict=True,
-        )
-        count = torch.cat(count).float()
-        return torch.cat(mean).float() * count, count
+        # Only supervised positions: image tokens, prompts and padding (often most of a VLM's
+        # sequence) cost nothing. Selecting them syncs the host once per micro-batch; the Trainer
+        # itself syncs once per micro-batch (its NaN filter), so the pipeline loses nothing to speak of.
+        supervised = targets != IGNORE_INDEX
+        example, position = supervised.nonzero(as_tuple=True)
+        loss_sum = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))  # rows per float32 chunk
+        for i in range(0, example.numel(), step):
+            e, p = example[i : i + step], position[i : i + step]
+            ce = F.cross_entropy(logits[e, p].float(), targets[e, p], reduction="none")  # as ForCausalLMLoss
+            loss_sum.index_add_(0, e, ce)
+        return loss_sum, supervised.sum(dim=1).float()
     n = logits.shape[0]
     ones = torch.ones(n, device=logits.device)
     if kind == "classification":
         ce, count = classification_losses(logits, labels)
         return ce.float(), count.float()
     if kind == "multilabel":
-        bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float().view_as(logits), reduction="none")
+        bce = F.binary_cross_entropy_with_logits(
+            logits.float(), labels.float().view_as(logits), reduction="none"
+        )
         return bce.reshape(n, -1).mean(dim=1), ones
     if kind == "regression":
         err = (logits.float().reshape(n, -1) - labels.float().reshape(n, -1)) ** 2
@@ -162,7 +167,9 @@ def per_example_loss(
 
 
 @torch.no_grad()
-def task_sums(loss_sum: torch.Tensor, count: torch.Tensor, task_ids: torch.Tensor, n_tasks: int) -> torch.Tensor:
+def task_sums(
+    loss_sum: torch.Tensor, count: torch.Tensor, task_ids: torch.Tensor, n_tasks: int
+) -> torch.Tensor:
     """Per-task totals as one ``(3, T)`` float64 tensor: rows ``sum S_i``, ``sum N_i``, ``#examples``.
 
     Examples with no target item (``N_i = 0``, e.g. fully masked) add nothing to the loss but count

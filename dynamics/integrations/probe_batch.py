@@ -131,7 +131,9 @@ def build_probe_batch(
     return split_task_ids(batch, key=key, n_tasks=n_tasks)
 
 
-def split_task_ids(batch: Any, *, key: str = TASK_IDS_KEY, n_tasks: int | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+def split_task_ids(
+    batch: Any, *, key: str = TASK_IDS_KEY, n_tasks: int | None = None
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Separate ``batch[key]`` from a collated batch; check it is one id per example in range."""
     if not isinstance(batch, Mapping) or key not in batch:
         raise ValueError(
@@ -141,7 +143,9 @@ def split_task_ids(batch: Any, *, key: str = TASK_IDS_KEY, n_tasks: int | None =
     rest = {k: v for k, v in batch.items() if k != key}
     task_ids = torch.as_tensor(batch[key]).reshape(-1).long()
     if n_tasks is not None and task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= n_tasks):
-        raise ValueError(f"probe batch task ids must lie in 0..{n_tasks - 1}, got {sorted(set(task_ids.tolist()))}")
+        raise ValueError(
+            f"probe batch task ids must lie in 0..{n_tasks - 1}, got {sorted(set(task_ids.tolist()))}"
+        )
     return rest, task_ids
 
 

@@ -4,8 +4,9 @@ One :class:`Recorder` serves the HF Trainer callback and the plain-loop API alik
 optimizer step ``s`` (1-based, the Trainer's ``global_step`` after the update):
 
 1. every training forward hands ``(task_ids, labels, logits)`` to :meth:`Recorder.observe`, which
-   adds per-task sums ``[sum S_i, sum N_i, #examples]`` (see :mod:`per_task_loss`) to a ``(3, T)``
-   accumulator that stays on the device (no host sync per micro-batch);
+   adds per-task sums ``[sum S_i, sum N_i, #examples]`` (see :mod:`per_task_loss`) to a ``(3, T+1)``
+   accumulator that stays on the device (column ``T`` collects examples whose id is out of
+   range, reported at the next sync); nothing is copied to the host per micro-batch;
 2. :meth:`Recorder.before_update` / :meth:`Recorder.after_update` bracket ``optimizer.step()``; on
    probe steps (``s % probe_every == 0``) they run the probe at the parameters the update was
    computed from, ``theta_{s-1}``, with the update ``Delta_s = theta_s - theta_{s-1}`` as the
@@ -23,14 +24,15 @@ raises) produces one clear warning and is skipped; training never stops because 
 
 Defaults and overhead. The probe costs about 1.5 training steps on a probe batch the size of a
 training batch (one forward plus one backward, and an n x n eigen-decomposition). Probing every
-50 steps adds 1.5 / 50 = 3 % to the wall time; per-step losses (one log-softmax over logits that
-already exist, a device-side index_add, one small collective every ``sync_every`` steps) stay under
-2 %, which keeps the total within the 5 % budget. ``benchmarks/bench_overhead.py`` measures both.
+50 steps adds 1.5 / 50 = 3 % to the wall time; per-step losses (a log-softmax over the logits of
+the supervised positions, which already exist, a device-side index_add, one small collective every
+``sync_every`` steps) stay under 2 %, which keeps the total within the 5 % budget. ``benchmarks/bench_overhead.py`` measures both.
 """
 
 from __future__ import annotations
 
 import threading
+import traceback
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -143,7 +145,6 @@ class Recorder:
         self._device: torch.device | None = None
         self._pending: list[tuple[int, torch.Tensor, float | None]] = []
         self._window = np.zeros((3, self.n_tasks))
-        self._window_lr: float | None = None
         self._window_probe: dict[str, float] = {}
         self._warned: set[str] = set()
         self._probe_batch: dict[str, Any] | None = None
@@ -156,9 +157,15 @@ class Recorder:
 
     # ------------------------------------------------------------------ setup
     def attach_model(self, model: nn.Module, *, sharded: str | None = None) -> None:
-        """Hook ``model`` (the module the training loop calls) and check that probes are possible."""
+        """Hook ``model`` (the module the training loop calls, DDP-wrapped or not) and check that
+        probes are possible."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        # Hook and probe the wrapped module: the wrapper passes task_ids on to it, and DDP's own
+        # forward broadcasts buffers (a collective) and arms its gradient reducer, which a probe
+        # running on rank 0 alone must not do.
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         if self._hook is not None and self._hook.module is model:
             return
         if self._hook is not None:
@@ -189,7 +196,9 @@ class Recorder:
             batch = {k: v for k, v in batch.items() if k != TASK_IDS_KEY}
             task_ids = torch.as_tensor(task_ids).reshape(-1).long()
             if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.n_tasks):
-                raise ValueError(f"probe task ids must lie in 0..{self.n_tasks - 1}, got {sorted(set(task_ids.tolist()))}")
+                raise ValueError(
+                    f"probe task ids must lie in 0..{self.n_tasks - 1}, got {sorted(set(task_ids.tolist()))}"
+                )
         self._probe_batch = dict(batch)
         self._probe_task_ids = task_ids
 
@@ -206,7 +215,9 @@ class Recorder:
         return {
             "probe_every": self.probe_every,
             "probe_size": self.probe_size,
-            "loss": self._loss_kind if isinstance(self._loss_kind, str) or self._loss_kind is None else "callable",
+            "loss": self._loss_kind
+            if isinstance(self._loss_kind, str) or self._loss_kind is None
+            else "callable",
             "update_direction": self.update_direction,
             "sync_every": self.sync_every,
             "seed": self.seed,
@@ -296,29 +307,28 @@ class Recorder:
         shift_labels: torch.Tensor | None = None,
     ) -> None:
         """Add one micro-batch's logits and labels (explicit path for models called without the hook)."""
-        ids, keep = self._task_id_tensor(task_ids, int(logits.shape[0]))
+        ids = self._task_id_tensor(task_ids, int(logits.shape[0]))
         if self._loss_kind is None:
             self._loss_kind = infer_loss_kind(self.model, logits, labels)
         kind = "token" if shift_labels is not None and self._loss_kind == "causal_lm" else self._loss_kind
         loss_sum, count = per_example_loss(logits, labels, kind, shift_labels=shift_labels)
-        self.observe_losses(loss_sum, ids, count, _keep=keep)
+        self.observe_losses(loss_sum, ids, count)
 
     def observe_losses(
-        self,
-        loss_sum: torch.Tensor,
-        task_ids: Any,
-        counts: torch.Tensor | None = None,
-        *,
-        _keep: torch.Tensor | None = None,
+        self, loss_sum: torch.Tensor, task_ids: Any, counts: torch.Tensor | None = None
     ) -> None:
-        """Add per-example summed losses ``S_i`` with item counts ``N_i`` (default 1 each)."""
+        """Add per-example summed losses ``S_i`` with item counts ``N_i`` (default 1 each).
+
+        Ids outside ``0..T-1`` go to an extra column ``T`` instead of being checked on the host
+        here; :meth:`sync` reports them (once) and drops them.
+        """
         loss_sum = loss_sum.detach().reshape(-1)
-        if _keep is None:
-            task_ids, _keep = self._task_id_tensor(task_ids, loss_sum.numel())
-        counts = torch.ones_like(loss_sum) if counts is None else counts.detach().reshape(-1).to(loss_sum.device)
-        if _keep is not None:
-            loss_sum, counts = loss_sum[_keep.to(loss_sum.device)], counts[_keep.to(loss_sum.device)]
-        sums = task_sums(loss_sum, counts, task_ids, self.n_tasks)
+        ids = self._task_id_tensor(task_ids, loss_sum.numel()).to(loss_sum.device)
+        counts = (
+            torch.ones_like(loss_sum) if counts is None else counts.detach().reshape(-1).to(loss_sum.device)
+        )
+        ids = torch.where((ids < 0) | (ids >= self.n_tasks), self.n_tasks, ids)
+        sums = task_sums(loss_sum, counts, ids, self.n_tasks + 1)
         with self._lock:
             if self._acc is None:
                 self._acc = sums
@@ -326,8 +336,8 @@ class Recorder:
             else:
                 self._acc += sums.to(self._acc.device)
 
-    def _task_id_tensor(self, task_ids: Any, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Validated ids (in range) and, when some were out of range, the mask of those kept."""
+    def _task_id_tensor(self, task_ids: Any, batch_size: int) -> torch.Tensor:
+        """``task_ids`` as a 1-D LongTensor of one id per example (shape and dtype checked, not range)."""
         ids = torch.as_tensor(task_ids) if not isinstance(task_ids, torch.Tensor) else task_ids
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise TypeError(f"task_ids must be integers (an index into tasks), got dtype {ids.dtype}")
@@ -337,19 +347,7 @@ class Recorder:
                 f"task_ids has shape {tuple(ids.shape)} but the batch has {batch_size} examples; "
                 "give exactly one task index per example"
             )
-        ids = ids.long()
-        bad = (ids < 0) | (ids >= self.n_tasks)
-        if bool(bad.any()):
-            values = sorted(set(ids[bad].tolist()))
-            self._warn(
-                "task_id_range",
-                f"dynamics: task ids {values} are outside the declared tasks {self.tasks} (valid ids 0.."
-                f"{self.n_tasks - 1}); those examples are left out of the per-task losses (training continues). "
-                "Declare every task in tasks=[...] or fix the dataset's task_ids.",
-            )
-            keep = ~bad
-            return ids[keep], keep
-        return ids, None
+        return ids.long()
 
     def end_step(self, step: int, lr: float | None = None) -> None:
         """Close optimizer step ``step``: queue its sums; every ``sync_every`` steps, sync and write.
@@ -359,7 +357,9 @@ class Recorder:
         with self._lock:
             acc, self._acc = self._acc, None
         if acc is None:
-            acc = torch.zeros(3, self.n_tasks, dtype=torch.float64, device=dist_utils.reduce_device(self._device))
+            acc = torch.zeros(
+                3, self.n_tasks + 1, dtype=torch.float64, device=dist_utils.reduce_device(self._device)
+            )
         self._pending.append((int(step), acc, lr))
         self.last_step = int(step)
         if len(self._pending) >= self.sync_every:
@@ -372,11 +372,18 @@ class Recorder:
         pending, self._pending = self._pending, []
         device = dist_utils.reduce_device(self._device)
         stacked = torch.stack([acc.to(device) for _, acc, _ in pending])
-        totals = dist_utils.all_reduce_sum(stacked).cpu().numpy()  # (K, 3, T)
+        totals = dist_utils.all_reduce_sum(stacked).cpu().numpy()  # (K, 3, T + 1)
+        dropped = totals[:, _EXAMPLES, self.n_tasks]
+        if dropped.any() and dist_utils.is_main_process():  # totals are global: one rank says it
+            first = pending[int(np.flatnonzero(dropped)[0])][0]
+            self._warn(
+                "task_id_range",
+                f"dynamics: {int(dropped.sum())} training examples (the first at step {first}) have task ids outside "
+                f"the declared tasks {self.tasks} (valid ids 0..{self.n_tasks - 1}); they are left out of the "
+                "per-task losses (training continues). Declare every task in tasks=[...] or fix the dataset's task_ids.",
+            )
+        totals = totals[:, :, : self.n_tasks]
         self._window += totals.sum(axis=0)
-        for _, _, lr in pending:
-            if lr is not None:
-                self._window_lr = lr
         writer = self._writer_or_none()
         if writer is None:
             return
@@ -388,7 +395,12 @@ class Recorder:
                         steps.append(step), names.append("loss"), tasks.append(task)
                         values.append(sums[_LOSS, a] / sums[_TOKENS, a])
                     for row, name in ((_EXAMPLES, "n_examples"), (_TOKENS, "n_tokens")):
-                        steps.append(step), names.append(name), tasks.append(task), values.append(sums[row, a])
+                        (
+                            steps.append(step),
+                            names.append(name),
+                            tasks.append(task),
+                            values.append(sums[row, a]),
+                        )
                 if sums[_TOKENS].sum() > 0:
                     steps.append(step), names.append("train_loss"), tasks.append("")
                     values.append(sums[_LOSS].sum() / sums[_TOKENS].sum())
@@ -521,12 +533,16 @@ class Recorder:
                 direction=direction,
                 **self.probe_kwargs,
             )
-            rows = [(s, "probe_loss" if n == "loss" else n, a, b, v) for s, n, a, b, v in result.to_rows(step)]
+            rows = [
+                (s, "probe_loss" if n == "loss" else n, a, b, v) for s, n, a, b, v in result.to_rows(step)
+            ]
         except Exception as err:  # the recorder must never stop training
             self._probe_off = f"the probe raised {type(err).__name__}"
+            where = traceback.extract_tb(err.__traceback__)[-1]
             self._warn(
                 "probe_failed",
-                f"dynamics: the probe at step {step} raised {type(err).__name__}: {err}. Probes are off for the "
+                f"dynamics: the probe at step {step} raised {type(err).__name__} ({Path(where.filename).name}:"
+                f"{where.lineno}): {err}. Probes are off for the "
                 "rest of this run; per-task losses are still recorded and nothing logged so far is lost. Restrict "
                 "the probe to supported parameters (probe_kwargs={'params': ...}) or set probe_every=0.",
             )
@@ -550,7 +566,9 @@ class Recorder:
             raise TypeError("record_scores expects {task: {metric: value}}, e.g. {'vqa': {'accuracy': 0.71}}")
         unknown = set(scores) - set(self.tasks) - {""}
         if unknown:
-            raise ValueError(f"unknown task(s) {sorted(unknown)} in scores; this run declares tasks {self.tasks}")
+            raise ValueError(
+                f"unknown task(s) {sorted(unknown)} in scores; this run declares tasks {self.tasks}"
+            )
         for task, metrics in scores.items():
             self._scores.setdefault(task, {}).update({str(m): float(v) for m, v in metrics.items()})
         per_task = {t: m for t, m in self._scores.items() if t}
@@ -576,17 +594,30 @@ class Recorder:
 
 # What Trainer.evaluate adds about speed, not quality: never a score.
 _SPEED_METRICS = frozenset(
-    {"runtime", "samples_per_second", "steps_per_second", "model_preparation_time", "jit_compilation_time", "epoch"}
+    {
+        "runtime",
+        "samples_per_second",
+        "steps_per_second",
+        "model_preparation_time",
+        "jit_compilation_time",
+        "epoch",
+    }
 )
 
 
-def parse_eval_metrics(metrics: Mapping[str, Any], tasks: Iterable[str], prefix: str = "eval") -> dict[str, dict[str, float]]:
+def parse_eval_metrics(
+    metrics: Mapping[str, Any], tasks: Iterable[str], prefix: str = "eval"
+) -> dict[str, dict[str, float]]:
     """``{prefix}_<task>_<metric>`` keys -> ``{task: {metric: value}}`` (longest matching task name wins)."""
     by_length = sorted(tasks, key=len, reverse=True)
     out: dict[str, dict[str, float]] = {}
     head = f"{prefix}_"
     for key, value in metrics.items():
-        if not key.startswith(head) or isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        if (
+            not key.startswith(head)
+            or isinstance(value, bool)
+            or not isinstance(value, (int, float, np.number))
+        ):
             continue
         rest = key[len(head) :]
         for task in by_length:

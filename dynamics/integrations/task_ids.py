@@ -51,7 +51,9 @@ class TaskIdHook:
             module.register_forward_hook(self._post_hook, with_kwargs=True),
         ]
 
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def _pre_hook(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]]:
         self._slot.task_ids = kwargs.pop(self.key, None)
         return args, kwargs
 

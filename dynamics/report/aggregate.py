@@ -30,7 +30,9 @@ LOSS_BINS = 150
 PROBE_BINS = 60  # probe signals are sparser and noisier: fewer, wider bins
 
 
-def binned_curves(rows: pd.DataFrame, *, n_bins: int = LOSS_BINS, by: tuple[str, ...] = ("task",)) -> pd.DataFrame:
+def binned_curves(
+    rows: pd.DataFrame, *, n_bins: int = LOSS_BINS, by: tuple[str, ...] = ("task",)
+) -> pd.DataFrame:
     """Per (group, *by, bin): columns ``step`` (bin centre), ``mean``, ``sd``, ``n_runs``.
 
     ``rows`` are metric rows with a ``group`` column (see ``ReportContext.metric``).
@@ -50,7 +52,9 @@ def binned_curves(rows: pd.DataFrame, *, n_bins: int = LOSS_BINS, by: tuple[str,
         centre = lo + (index + 0.5) * width
     keys = ["group", *by]
     frame = rows[["run_id", *keys]].assign(step=centre, value=rows["value"].to_numpy())
-    per_run = frame.groupby(["run_id", *keys, "step"], sort=False, observed=True)["value"].mean().reset_index()
+    per_run = (
+        frame.groupby(["run_id", *keys, "step"], sort=False, observed=True)["value"].mean().reset_index()
+    )
     out = (
         per_run.groupby([*keys, "step"], sort=True, observed=True)["value"]
         .agg(mean="mean", sd="std", n_runs="count")

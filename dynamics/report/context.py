@@ -17,11 +17,22 @@ import pandas as pd
 
 from dynamics.store.reader import RunSet, load_runs
 
-__all__ = ["Stat", "ReportContext", "build_context", "resolve_runs", "DEFAULT_GROUP", "PHASES", "FRACTIONS"]
+__all__ = [
+    "Stat",
+    "ReportContext",
+    "build_context",
+    "resolve_runs",
+    "DEFAULT_GROUP",
+    "PHASES",
+    "FRACTIONS",
+    "PRIMARY_SIGNALS",
+]
 
 DEFAULT_GROUP = "construction"
 PHASES = (1 / 3, 2 / 3)
 FRACTIONS = (0.1, 0.25, 0.5)
+# The IMAX paper's hypotheses: lower spectral entropy and higher dominant ratio for the better data.
+PRIMARY_SIGNALS = ("fisher_se/all/mean", "fisher_rho/all/mean")
 NO_GROUP = "all runs"
 MISSING_TAG = "(untagged)"
 # Tags that identify a replicate rather than a condition: never a default group.
@@ -54,7 +65,9 @@ class ReportContext:
     tasks: list[str]
     features: Stat = field(default_factory=Stat)
     comparison: Stat = field(default_factory=Stat)
-    score_comparison: Stat = field(default_factory=Stat)
+    # The pre-specified family: the target and the IMAX paper's two spectrum signals, tested and
+    # Holm-corrected together, apart from the exploratory family of every feature (``comparison``).
+    primary: Stat = field(default_factory=Stat)
     correlation: Stat = field(default_factory=Stat)
     forecast: Stat = field(default_factory=Stat)
 
@@ -71,6 +84,20 @@ class ReportContext:
         m = self.runset.metrics
         rows = m[m["name"] == name]
         return rows.assign(group=rows["run_id"].map(self.run_group))
+
+    def __repr__(self) -> str:
+        stats = ", ".join(
+            f"{name}: {'ok' if stat.ok else 'missing'}"
+            for name, stat in [
+                ("features", self.features),
+                ("comparison", self.comparison),
+                ("correlation", self.correlation),
+                ("forecast", self.forecast),
+            ]
+        )
+        return (
+            f"ReportContext({len(self.runset)} runs, group={self.group!r}, target={self.target!r}; {stats})"
+        )
 
     def group_sizes(self) -> dict[str, int]:
         counts = self.run_group.value_counts()
@@ -113,7 +140,9 @@ def _resolve_pair(runset: RunSet, group: str | None, pair: Sequence[str] | str |
         pair = [p.strip() for p in pair.split(",") if p.strip()]
     unknown = [p for p in pair if p not in tags]
     if unknown:
-        raise ValueError(f"--pair tag(s) {unknown} are not tags of these runs; their tags are {sorted(tags) or 'none'}")
+        raise ValueError(
+            f"--pair tag(s) {unknown} are not tags of these runs; their tags are {sorted(tags) or 'none'}"
+        )
     if group is not None and group in pair:
         raise ValueError(f"--pair cannot contain the group tag {group!r}: runs are paired across its groups")
     return tuple(pair)
@@ -213,14 +242,14 @@ def _compute_statistics(ctx: ReportContext, note: Callable[[str], None]) -> None
         from dynamics.analysis import compare, correlate, features, forecast
     except ImportError as err:
         reason = f"the statistics layer (dynamics.analysis) is not available: {err}"
-        ctx.features = ctx.comparison = ctx.score_comparison = ctx.correlation = ctx.forecast = Stat(None, reason)
+        ctx.features = ctx.comparison = ctx.primary = ctx.correlation = ctx.forecast = Stat(None, reason)
         return
     runset = ctx.runset
     note("computing features")
     ctx.features = _attempt(lambda: features(runset, phases=PHASES))
     if not ctx.features.ok:
         reason = f"features could not be computed: {ctx.features.note}"
-        ctx.comparison = ctx.score_comparison = ctx.correlation = ctx.forecast = Stat(None, reason)
+        ctx.comparison = ctx.primary = ctx.correlation = ctx.forecast = Stat(None, reason)
         return
     feats = ctx.features.frame
     has_target = ctx.target in feats.columns and feats[ctx.target].notna().sum() > 0
@@ -233,26 +262,34 @@ def _compute_statistics(ctx: ReportContext, note: Callable[[str], None]) -> None
         note("comparing groups")
         pair_on = ctx.pair or None
         ctx.comparison = _attempt(lambda: compare(feats, by=ctx.group, pair_on=pair_on))
-        # The final score is the primary outcome: its own test, not one of the hundreds of signal
-        # tests that Holm corrects together.
-        ctx.score_comparison = (
-            _attempt(lambda: compare(feats, by=ctx.group, pair_on=pair_on, features=[ctx.target]))
-            if has_target
-            else Stat(None, f"no {ctx.target!r} in these runs")
+        # Pre-specified hypotheses get their own, small Holm family instead of being one of the
+        # hundreds of exploratory tests.
+        primary = [ctx.target] if has_target else []
+        primary += [f for f in PRIMARY_SIGNALS if f in feats.columns and feats[f].notna().any()]
+        ctx.primary = (
+            _attempt(lambda: compare(feats, by=ctx.group, pair_on=pair_on, features=primary))
+            if primary
+            else Stat(None, f"neither {ctx.target!r} nor the Fisher spectrum signals are in these runs")
         )
-    if ctx.comparison.note and not ctx.score_comparison.note and not ctx.score_comparison.ok:
-        ctx.score_comparison = Stat(None, ctx.comparison.note)
+    if ctx.comparison.note and not ctx.primary.note and not ctx.primary.ok:
+        ctx.primary = Stat(None, ctx.comparison.note)
 
     if not has_target:
-        reason = (
-            "no final scores (scores.parquet) in these runs"
-            if runset.scores.empty
-            else f"target {ctx.target!r} is missing in the features"
-        )
+        if runset.scores.empty:
+            reason = "no final scores (scores.parquet) in these runs"
+        elif ctx.target in feats.columns:
+            reason = (
+                f"{ctx.target!r} is NaN for every run: the final scores could not be combined (see the "
+                "statistics layer's warning); pick one score with --target score/<task>/<metric>"
+            )
+        else:
+            reason = f"target {ctx.target!r} is not among the features' score columns"
         ctx.correlation = ctx.forecast = Stat(None, reason)
         return
     note("correlating features with the score")
     ctx.correlation = _attempt(lambda: correlate(feats, target=ctx.target, method="spearman"))
     note("forecasting from early training")
     forecast_group = "model" if "model" in runset.tag_columns else None
-    ctx.forecast = _attempt(lambda: forecast(runset, target=ctx.target, fractions=FRACTIONS, group=forecast_group))
+    ctx.forecast = _attempt(
+        lambda: forecast(runset, target=ctx.target, fractions=FRACTIONS, group=forecast_group)
+    )

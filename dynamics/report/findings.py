@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dynamics.report.context import ReportContext
+from dynamics.report.context import PRIMARY_SIGNALS, ReportContext
 from dynamics.report.style import fmt, fmt_p
-from dynamics.report.tables import ALPHA, signal_features, sorted_comparison, sorted_correlation, test_name
+from dynamics.report.tables import ALPHA, sorted_comparison, sorted_correlation, test_name
 
-__all__ = ["findings", "comparison_sentence", "correlation_sentence", "forecast_sentence", "best_forecast_row"]
+__all__ = [
+    "findings",
+    "comparison_sentence",
+    "correlation_sentence",
+    "forecast_sentence",
+    "best_forecast_row",
+]
 
 # The IMAX paper's two signals: lower SE and higher rho go with the better construction.
-PAPER_SIGNALS = {"fisher_se/all/mean": "Fisher spectral entropy SE", "fisher_rho/all/mean": "Fisher dominant ratio rho"}
+PAPER_SIGNALS = dict(
+    zip(PRIMARY_SIGNALS, ("Fisher spectral entropy SE", "Fisher dominant ratio rho"), strict=True)
+)
 MAX_PAIRS = 3
 
 
@@ -26,14 +34,14 @@ def _n_text(row: pd.Series) -> str:
     return f"n = {int(row['n_a'])} vs {int(row['n_b'])} runs"
 
 
-def comparison_sentence(row: pd.Series, label: str | None = None, *, adjusted: bool = True) -> str:
-    """``label: B mean_b vs A mean_a (difference diff, 95% CI lo to hi; test, n; p_holm = p).``
+def comparison_sentence(row: pd.Series, label: str | None = None, *, family: str = "") -> str:
+    """``label: B mean_b vs A mean_a (difference diff, 95% CI lo to hi; test, n; p_holm = p[, family]).``
 
-    The statistics layer's ``diff`` is ``b - a``, so group b is named first. ``adjusted=False``
-    quotes the unadjusted ``p_value`` (for a test that is a family of its own).
+    The statistics layer's ``diff`` is ``b - a``, so group b is named first; ``family`` says over
+    which tests ``p_holm`` was corrected.
     """
     label = label or str(row["feature"])
-    p = f"p_holm = {fmt_p(row['p_holm'])}" if adjusted else f"p = {fmt_p(row['p_value'])}"
+    p = f"p_holm = {fmt_p(row['p_holm'])}" + (f", {family}" if family else "")
     return (
         f"{label}: {row['group_b']} {fmt(row['mean_b'])} vs {row['group_a']} {fmt(row['mean_a'])} "
         f"(difference {fmt(row['diff'])}, 95% CI {fmt(row['diff_ci_low'])} to {fmt(row['diff_ci_high'])}; "
@@ -76,7 +84,9 @@ def forecast_sentence(frame: pd.DataFrame, target: str) -> str:
     )
     if beats:
         return f"From the first {pct} of training, {target} is forecast better than the baseline ({numbers})."
-    return f"Up to the first {pct} of training, the forecast of {target} does not beat the baseline ({numbers})."
+    return (
+        f"Up to the first {pct} of training, the forecast of {target} does not beat the baseline ({numbers})."
+    )
 
 
 def _pairs_shown(frame: pd.DataFrame) -> pd.DataFrame:
@@ -87,19 +97,20 @@ def _pairs_shown(frame: pd.DataFrame) -> pd.DataFrame:
 
 def _comparison_findings(ctx: ReportContext) -> list[str]:
     out: list[str] = []
-    if ctx.score_comparison.ok:
-        rows = _pairs_shown(ctx.score_comparison.frame)
+    mentioned = {ctx.target}
+    if ctx.primary.ok:
+        rows = _pairs_shown(ctx.primary.frame)
+        k = rows["feature"].nunique()
+        family = f"Holm over the {k} pre-specified tests" if k > 1 else ""
         for _, row in rows[rows["feature"] == ctx.target].iterrows():
-            out.append(comparison_sentence(row, f"Final score {ctx.target}", adjusted=False))
+            out.append(comparison_sentence(row, f"Final score {ctx.target}", family=family))
+        for feature, label in PAPER_SIGNALS.items():
+            for _, row in rows[rows["feature"] == feature].iterrows():
+                out.append(comparison_sentence(row, f"{label} ({feature})", family=family))
+                mentioned.add(feature)
     if not ctx.comparison.ok:
         return out
-    in_pairs = _pairs_shown(ctx.comparison.frame)
-    mentioned = {ctx.target}
-    for feature, label in PAPER_SIGNALS.items():
-        for _, row in in_pairs[in_pairs["feature"] == feature].iterrows():
-            out.append(comparison_sentence(row, f"{label} ({feature})"))
-            mentioned.add(feature)
-    signals = signal_features(ctx, sorted_comparison(ctx))
+    signals = sorted_comparison(ctx, exploratory_only=True)
     n_tested = signals["feature"].nunique()
     significant = signals[signals["p_holm"] < ALPHA]
     others = significant[~significant["feature"].isin(mentioned)]
@@ -138,7 +149,7 @@ def findings(ctx: ReportContext) -> list[str]:
     A statistic that is missing contributes its reason instead of a number.
     """
     out: list[str] = []
-    if ctx.comparison.ok or ctx.score_comparison.ok:
+    if ctx.comparison.ok or ctx.primary.ok:
         out += _comparison_findings(ctx)
     if ctx.correlation.ok:
         out += _correlation_findings(ctx)

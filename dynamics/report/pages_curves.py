@@ -163,7 +163,8 @@ def build_grad_norm(ctx: ReportContext) -> list[Figure]:
         title=title,
         subtitle="Norm of each task's gradient on the probe batch, over steps",
         ylabel="gradient norm",
-        note=_bin_note(curves, rows, ctx) + " Ratio in the headline: mean gradient norm over all probes and runs.",
+        note=_bin_note(curves, rows, ctx)
+        + " Ratio in the headline: mean gradient norm over all probes and runs.",
     )
 
 

@@ -69,7 +69,9 @@ def build_cosine(ctx: ReportContext) -> list[Figure]:
     by_phase = means.groupby("phase", observed=True)["value"].mean()
     early, late = by_phase.get("early", np.nan), by_phase.get("late", np.nan)
     trend = "align less" if late < early else "align more"
-    title = f"Task gradients {trend} as training goes on: mean cosine {fmt(early, 2)} early, {fmt(late, 2)} late"
+    title = (
+        f"Task gradients {trend} as training goes on: mean cosine {fmt(early, 2)} early, {fmt(late, 2)} late"
+    )
     groups = [g for g in ctx.groups if g in set(means["group"])]
     chunks = [groups[i : i + GROUPS_PER_PAGE] for i in range(0, len(groups), GROUPS_PER_PAGE)]
     annotate = len(tasks) <= _ANNOTATE_MAX_TASKS

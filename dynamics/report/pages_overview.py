@@ -34,7 +34,9 @@ def _spacing(ctx: ReportContext, names: tuple[str, ...]) -> float | None:
     rows = m[m["name"].isin(names)]
     if rows.empty:
         return None
-    gaps = rows.groupby("run_id")["step"].apply(lambda s: np.median(np.diff(np.unique(s))) if s.nunique() > 1 else np.nan)
+    gaps = rows.groupby("run_id")["step"].apply(
+        lambda s: np.median(np.diff(np.unique(s))) if s.nunique() > 1 else np.nan
+    )
     gaps = gaps.dropna()
     return float(gaps.median()) if not gaps.empty else None
 
@@ -56,7 +58,9 @@ def setup_lines(ctx: ReportContext) -> list[str]:
         f"Tasks ({len(ctx.tasks)}): {', '.join(ctx.tasks) if ctx.tasks else 'none'}",
     ]
     if runs["tasks"].map(lambda t: tuple(t)).nunique() > 1:
-        lines.append("Task sets differ between runs: each per-task panel averages the runs that have the task.")
+        lines.append(
+            "Task sets differ between runs: each per-task panel averages the runs that have the task."
+        )
     probes = [n for n in _PROBE_METRICS if n in names]
     if "loss" in names:
         gap = _spacing(ctx, ("loss",))
@@ -73,7 +77,10 @@ def setup_lines(ctx: ReportContext) -> list[str]:
         lines.append(f"Grouped by {ctx.group}: " + ", ".join(f"{g} ({n} runs)" for g, n in sizes.items()))
     else:
         lines.append("Grouping: none (pass --group TAG to compare groups of runs)")
-    lines.append(f"Paired on: {', '.join(ctx.pair)}" if ctx.pair else "Paired on: nothing (unpaired comparison)")
+    if ctx.group:
+        lines.append(
+            f"Paired on: {', '.join(ctx.pair)}" if ctx.pair else "Paired on: nothing (unpaired comparison)"
+        )
     has_scores = not ctx.runset.scores.empty
     lines.append(f"Target score: {ctx.target}" + ("" if has_scores else " (no final scores in these runs)"))
     lines.append(
@@ -84,20 +91,26 @@ def setup_lines(ctx: ReportContext) -> list[str]:
     return lines
 
 
-def _wrapped_block(fig: Figure, x: float, y: float, items: list[str], *, width: int, size: float, bullet: str, color: str) -> float:
+def _wrapped_block(
+    fig: Figure, x: float, y: float, items: list[str], *, width: int, size: float, bullet: str, color: str
+) -> float:
     """Draw wrapped items from (x, y) downwards; returns the y below the block."""
     line_h = size * 1.45 / 72 / PAGE_SIZE[1]
     for item in items:
         lines = textwrap.wrap(item, width=width, break_long_words=True, break_on_hyphens=False) or [""]
         for i, line in enumerate(lines):
             prefix = bullet if i == 0 else " " * len(bullet)
-            fig.text(x, y, prefix + line, fontsize=size, color=color, ha="left", va="top", family="DejaVu Sans")
+            fig.text(
+                x, y, prefix + line, fontsize=size, color=color, ha="left", va="top", family="DejaVu Sans"
+            )
             y -= line_h
         y -= line_h * 0.45
     return y
 
 
-def _fit(items: list[str], height: float, width_in: float, size: float, min_size: float = 7.5) -> tuple[float, int]:
+def _fit(
+    items: list[str], height: float, width_in: float, size: float, min_size: float = 7.5
+) -> tuple[float, int]:
     """The largest font size (<= size) at which wrapped ``items`` fit into ``height`` (figure fraction)."""
     while True:
         width = int(width_in * 72 / (size * 0.55))

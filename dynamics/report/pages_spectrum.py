@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from dynamics.report.aggregate import binned_curves
+from dynamics.report.aggregate import PROBE_BINS, binned_curves
 from dynamics.report.context import ReportContext
 from dynamics.report.page import NoData, Page
 from dynamics.report.pages_curves import draw_band, group_legend
@@ -49,8 +49,8 @@ def build_fisher(ctx: ReportContext) -> list[Figure]:
         title = "Fisher spectrum over training: " + ", ".join(parts)
 
     fig, axes = new_page(1, len(panels))
-    for ax, (name, label, hint, rows) in zip(axes.flat, panels, strict=True):
-        curves = binned_curves(rows, by=())
+    for ax, (_, label, hint, rows) in zip(axes.flat, panels, strict=True):
+        curves = binned_curves(rows, n_bins=PROBE_BINS, by=())
         for g in ctx.groups:
             c = curves[curves["group"] == g]
             if not c.empty:
@@ -59,7 +59,10 @@ def build_fisher(ctx: ReportContext) -> list[Figure]:
         ax.set_xlabel("step")
         ax.set_ylabel(label)
     page_title(
-        fig, title, "Spectrum of the empirical Fisher on the probe batch, over steps" + (f", by {ctx.group}" if ctx.group else "")
+        fig,
+        title,
+        "Spectrum of the empirical Fisher on the probe batch, over steps"
+        + (f", by {ctx.group}" if ctx.group else ""),
     )
     group_legend(fig, ctx)
     means = "; ".join(

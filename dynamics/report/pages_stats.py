@@ -26,8 +26,13 @@ _SIG_COLOR = "#e3f2e1"
 _HEADER_COLOR = "#eaeaf2"
 
 
-def draw_table(ax, frame: pd.DataFrame, highlight: list[bool] | None = None, *, fontsize: float = 9.5) -> None:
-    """A plain table filling ``ax``: grey header, highlighted rows, left-aligned first column."""
+def draw_table(
+    ax, frame: pd.DataFrame, highlight: list[bool] | None = None, *, fontsize: float = 9.5, bold_rows: int = 0
+) -> None:
+    """A plain table filling ``ax``: grey header, highlighted rows, left-aligned first column.
+
+    The first ``bold_rows`` rows are set in bold (a family of tests that belongs together).
+    """
     ax.axis("off")
     if frame.empty:
         return
@@ -46,13 +51,15 @@ def draw_table(ax, frame: pd.DataFrame, highlight: list[bool] | None = None, *, 
             cell.set_text_props(fontweight="bold")
         elif highlight and highlight[r - 1]:
             cell.set_facecolor(_SIG_COLOR)
+        if 0 < r <= bold_rows:
+            cell.set_text_props(fontweight="bold")
         if c == 0:
             cell.set_text_props(ha="left")
             cell.PAD = 0.02
 
 
 def build_comparison(ctx: ReportContext) -> list[Figure]:
-    if not ctx.comparison.ok and not ctx.score_comparison.ok:
+    if not ctx.comparison.ok and not ctx.primary.ok:
         raise NoData(ctx.comparison.note or "no group comparison")
     table, significant, n_tested = comparison_table(ctx, max_rows=20)
     pairs = table.columns[1:3] if "groups (b vs a)" not in table.columns else None
@@ -68,7 +75,8 @@ def build_comparison(ctx: ReportContext) -> list[Figure]:
     else:
         title = f"Final score by {ctx.group} (no training-signal comparison: {ctx.comparison.note})"
     fig, axes = new_page(1, 1)
-    draw_table(axes[0, 0], table, significant)
+    n_primary = len(ctx.primary.frame) if ctx.primary.ok else 0
+    draw_table(axes[0, 0], table, significant, bold_rows=n_primary)
     page_title(
         fig,
         title,
@@ -79,9 +87,9 @@ def build_comparison(ctx: ReportContext) -> list[Figure]:
     shown = int((table["feature"] != ctx.target).sum())
     page_note(
         fig,
-        f"Green: p < {ALPHA} ({ctx.target}: its own test; signals: Holm-adjusted over all {n_tested} signal features). "
-        f"diff: mean difference with its bootstrap 95% CI; Cohen's d: d_z for paired rows. "
-        f"Showing {shown} of {n_tested} signals; `dynamics summary` prints this table in the terminal.",
+        f"Green: p (Holm) < {ALPHA}. Bold rows: the pre-specified tests ({ctx.target}, Fisher SE and rho), "
+        f"Holm-adjusted together; other rows: Holm-adjusted over all {n_tested} signal features (the exploratory family). "
+        f"diff: mean difference with its bootstrap 95% CI; Cohen's d: d_z for paired rows. Showing {shown} rows.",
     )
     return [fig]
 
@@ -91,9 +99,16 @@ def build_correlation(ctx: ReportContext) -> list[Figure]:
         raise NoData(ctx.correlation.note or "no correlation with the score")
     key = key_correlations(ctx, k=6)
     if key.empty:
-        raise NoData("no feature has a defined correlation with the score (constant features or too few runs)")
+        raise NoData(
+            "no feature has a defined correlation with the score: "
+            + (_layer_note(ctx.correlation.frame) or "constant features or too few runs")
+        )
     feats = ctx.features.frame
-    group = feats["run_id"].map(ctx.run_group) if "run_id" in feats else pd.Series(ctx.groups[0], index=feats.index)
+    group = (
+        feats["run_id"].map(ctx.run_group)
+        if "run_id" in feats
+        else pd.Series(ctx.groups[0], index=feats.index)
+    )
     n = len(key)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
@@ -110,7 +125,9 @@ def build_correlation(ctx: ReportContext) -> list[Figure]:
         for g in ctx.groups:
             sub = data[data["group"] == g]
             if not sub.empty:
-                ax.scatter(sub["x"], sub["y"], s=36, color=ctx.palette[g], edgecolor="white", linewidth=0.5, zorder=3)
+                ax.scatter(
+                    sub["x"], sub["y"], s=36, color=ctx.palette[g], edgecolor="white", linewidth=0.5, zorder=3
+                )
         ax.set_xlabel(feature)
         ax.set_ylabel(ctx.target)
         ax.set_title(
@@ -145,8 +162,7 @@ def build_forecast(ctx: ReportContext) -> list[Figure]:
         raise NoData(ctx.forecast.note or "no early forecast")
     f = ctx.forecast.frame.sort_values("fraction")
     if f["mae"].notna().sum() == 0:
-        notes = "; ".join(sorted(set(f.get("note", pd.Series(dtype=str)).dropna().astype(str)))) or "no data"
-        raise NoData(f"the forecast has no result at any fraction ({notes})")
+        raise NoData(f"the forecast has no result at any fraction ({_layer_note(f) or 'no data'})")
     row, beats = best_forecast_row(f)
     pct = f"{100 * row['fraction']:g}%"
     if beats:
@@ -155,7 +171,9 @@ def build_forecast(ctx: ReportContext) -> list[Figure]:
             f"(MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])})"
         )
     else:
-        title = f"Up to {pct} of training, early signals do not forecast {ctx.target} better than the baseline"
+        title = (
+            f"Up to {pct} of training, early signals do not forecast {ctx.target} better than the baseline"
+        )
     x = 100 * f["fraction"].to_numpy(dtype=float)
     labels = [f"{v:g}%" for v in x]
     fig, axes = new_page(1, 2)
@@ -180,8 +198,19 @@ def build_forecast(ctx: ReportContext) -> list[Figure]:
     ax.legend(frameon=False, loc="upper center", ncol=2)
     page_title(fig, title, f"Forecasting {ctx.target} from the signals of the first part of training")
     n_runs = ", ".join(f"{lab}: {_n(v)}" for lab, v in zip(labels, f["n_runs"], strict=True))
-    page_note(fig, f"Numbers from the statistics layer's out-of-sample forecast; runs per fraction: {n_runs}.")
+    page_note(
+        fig, f"Numbers from the statistics layer's out-of-sample forecast; runs per fraction: {n_runs}."
+    )
     return [fig]
+
+
+def _layer_note(frame: pd.DataFrame) -> str | None:
+    """The statistics layer's most frequent note in ``frame`` (why values are missing), if any."""
+    if "note" not in frame:
+        return None
+    notes = frame["note"].fillna("").astype(str)
+    notes = notes[notes != ""]
+    return str(notes.value_counts().index[0]) if len(notes) else None
 
 
 def _n(v) -> str:

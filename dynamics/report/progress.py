@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = ["StepProgress"]
 
@@ -17,7 +17,9 @@ class StepProgress:
     """
 
     def __init__(self, enabled: bool, total: int, desc: str = "report") -> None:
-        self.bar = tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True, desc=desc, leave=False)
+        self.bar = tqdm(
+            total=total, disable=not enabled, unit="step", dynamic_ncols=True, desc=desc, leave=False
+        )
         self.timings: dict[str, float] = {}
         self._label: str | None = None
         self._since = time.perf_counter()

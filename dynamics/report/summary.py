@@ -18,8 +18,12 @@ from dynamics.report.tables import comparison_table, correlation_table, forecast
 __all__ = ["print_summary"]
 
 
-def _rich_table(frame: pd.DataFrame, title: str, highlight: list[bool] | None = None, caption: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left", title_style="bold", caption=caption, caption_justify="left")
+def _rich_table(
+    frame: pd.DataFrame, title: str, highlight: list[bool] | None = None, caption: str | None = None
+) -> Table:
+    table = Table(
+        title=title, title_justify="left", title_style="bold", caption=caption, caption_justify="left"
+    )
     for i, col in enumerate(frame.columns):
         table.add_column(str(col), justify="left" if i == 0 else "right", no_wrap=i > 0, overflow="fold")
     for i, row in enumerate(frame.astype(str).itertuples(index=False)):

@@ -75,13 +75,20 @@ def runs_table(ctx: ReportContext) -> pd.DataFrame:
     return pd.DataFrame(rows).fillna("")
 
 
-def sorted_comparison(ctx: ReportContext) -> pd.DataFrame:
-    """The target's comparison rows (its own test) first, then the signal rows by Holm-adjusted p."""
+def sorted_comparison(ctx: ReportContext, *, exploratory_only: bool = False) -> pd.DataFrame:
+    """The pre-specified family's rows first, then the other signal rows by Holm-adjusted p.
+
+    ``exploratory_only``: only the exploratory family's rows (every signal feature, including the
+    pre-specified ones, with the exploratory Holm correction).
+    """
     parts = []
-    if ctx.score_comparison.ok:
-        parts.append(ctx.score_comparison.frame)
+    primary = set()
+    if ctx.primary.ok and not exploratory_only:
+        parts.append(ctx.primary.frame)
+        primary = set(ctx.primary.frame["feature"])
     if ctx.comparison.ok:
         rest = signal_features(ctx, ctx.comparison.frame)
+        rest = rest[~rest["feature"].isin(primary)]
         # Many features tie at the smallest attainable p (rank tests): the larger effect first.
         effect = rest.apply(effect_size, axis=1).abs().fillna(0.0) if len(rest) else pd.Series(dtype=float)
         rest = rest.assign(_effect=-effect).sort_values(["p_holm", "p_value", "_effect"], na_position="last")
@@ -92,8 +99,9 @@ def sorted_comparison(ctx: ReportContext) -> pd.DataFrame:
 def comparison_table(ctx: ReportContext, max_rows: int = 20) -> tuple[pd.DataFrame, list[bool], int]:
     """The group comparison: the target first, then features by Holm-adjusted p.
 
-    Returns (formatted frame, per-row "significant" flags, number of signal features tested). The
-    target row is flagged by its own p-value (a family of one); signal rows by ``p_holm``.
+    Returns (formatted frame, per-row "significant after Holm in its family" flags, number of
+    signal features in the exploratory family). The first rows are the pre-specified family (target,
+    Fisher SE and rho), Holm-corrected together; the others are Holm-corrected over every signal.
     """
     rows = sorted_comparison(ctx).head(max_rows)
     pairs = rows[["group_a", "group_b"]].drop_duplicates()
@@ -120,10 +128,10 @@ def comparison_table(ctx: ReportContext, max_rows: int = 20) -> tuple[pd.DataFra
     out["p"] = rows["p_value"].map(fmt_p)
     out["p (Holm)"] = rows["p_holm"].map(fmt_p)
     out["Cohen's d"] = [fmt(effect_size(r), 2) for _, r in rows.iterrows()]
-    is_target = rows["feature"].eq(ctx.target).to_numpy()
-    p_flag = rows["p_value"].where(is_target, rows["p_holm"]).fillna(1.0)
-    significant = [bool(p < ALPHA) for p in p_flag]
-    n_tested = int(signal_features(ctx, ctx.comparison.frame)["feature"].nunique()) if ctx.comparison.ok else 0
+    significant = [bool(p < ALPHA) for p in rows["p_holm"].fillna(1.0)]
+    n_tested = (
+        int(signal_features(ctx, ctx.comparison.frame)["feature"].nunique()) if ctx.comparison.ok else 0
+    )
     return out.reset_index(drop=True), significant, n_tested
 
 
@@ -134,8 +142,10 @@ def _int(v) -> str:
 def sorted_correlation(ctx: ReportContext) -> pd.DataFrame:
     frame = signal_features(ctx, ctx.correlation.frame)
     frame = frame[frame["r"].notna()]
-    return frame.assign(_abs=frame["r"].abs()).sort_values(["_abs", "p_value"], ascending=[False, True]).drop(
-        columns="_abs"
+    return (
+        frame.assign(_abs=frame["r"].abs())
+        .sort_values(["_abs", "p_value"], ascending=[False, True])
+        .drop(columns="_abs")
     )
 
 

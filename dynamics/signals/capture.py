@@ -370,7 +370,7 @@ def backward_to_outputs(loss_sum: Tensor, calls: list[ModuleCall], retain_graph:
     grads = torch.autograd.grad(loss_sum, edges, retain_graph=retain_graph, allow_unused=True)
     for c in calls:
         c.dys = []
-        for k, e in zip(c.grad_idx, c.edges):
+        for k, e in zip(c.grad_idx, c.edges, strict=True):
             g = grads[index[(id(e.node), e.output_nr)]]
             out = c.out_leaves[k]
             c.dys.append(torch.zeros_like(out) if g is None else g)

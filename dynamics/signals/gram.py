@@ -5,8 +5,9 @@ takes the per-example losses of ONE forward pass that ran inside a :class:`~.cap
 
 * ``method="auto"`` (fast path): one backward pass of ``sum_i l_i`` to the captured layer outputs;
   Linear/Embedding weights by ghost products or materialised per-example gradients, whichever is
-  cheaper per parameter (:mod:`.products`); other parameters by module-local vector-Jacobian
-  products (:mod:`.module_grads`); parameters the fast path cannot prove it covers by exact
+  cheaper per parameter (:mod:`.products`); normalisation layers by closed forms
+  (:mod:`.layer_rules`); other parameters by module-local vector-Jacobian products
+  (:mod:`.module_grads`); parameters the fast path cannot prove it covers by exact
   per-example autograd (:mod:`.gram_exact`). See :mod:`.capture` for the coverage rules;
 * ``"ghost"`` / ``"materialize"``: the same, forcing one product for every factored parameter;
 * ``"exact"``: exact per-example autograd for every parameter (the reference; ~n backward passes).
@@ -57,7 +58,7 @@ def compute_gram(
     """``K`` (and ``<g_i, d>``) from per-example ``losses`` (n,) of a forward run under ``capture``.
 
     ``capture`` may be None only for ``method="exact"``. ``direction`` maps ``id(param)`` to a tensor
-    of the parameter's shape. The graph of ``losses`` is retained.
+    of the parameter's shape. The graph of ``losses`` is consumed.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -78,11 +79,12 @@ def compute_gram(
                 "check `params` and that the model's parameters have requires_grad=True"
             )
         pl = None
-    paths: dict[str, list[int]] = {"module": [], "exact": [], "unused": []}
+    paths: dict[str, list[int]] = {"rule": [], "module": [], "exact": [], "unused": []}
 
     if pl is not None:
         paths["unused"] = [id(p) for p in pl.unused]
-        backward_to_outputs(total, pl.calls_needed, retain_graph=True)
+        # keep the graph (and its saved activations) only if the exact fallback still needs it
+        backward_to_outputs(total, pl.calls_needed, retain_graph=bool(pl.exact))
         by_id = {id(p): p for p in params}
         for pid, calls in pl.factored.items():
             p = by_id[pid]
@@ -108,12 +110,14 @@ def compute_gram(
             direct = all(any(p is q for q in module._parameters.values()) for p in ps)
             if rule_kind(module) and direct:
                 grads = rule_per_example_grads(module, kind, ps, calls, n)
+                path = "rule"
             else:
                 names = [capture.param_name(module, p) for p in ps]
                 grads = module_per_example_grads(module, names, ps, calls, n)
-            for p, g in zip(ps, grads):
+                path = "module"
+            for p, g in zip(ps, grads, strict=True):
                 builder.add_dense(g, direction.get(id(p)))
-                paths["module"].append(id(p))
+                paths[path].append(id(p))
         exact_params = pl.exact
         for calls in capture.calls.values():
             for c in calls:
@@ -122,7 +126,7 @@ def compute_gram(
         exact_params = list(params)
 
     if exact_params:
-        for p, g in zip(exact_params, per_example_grads(losses, exact_params)):
+        for p, g in zip(exact_params, per_example_grads(losses, exact_params), strict=True):
             builder.add_dense(g, direction.get(id(p)))
             paths["exact"].append(id(p))
 

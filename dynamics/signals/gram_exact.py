@@ -49,7 +49,7 @@ def per_example_grads(losses: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
             grads.append(torch.stack(per))
     return [
         torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) if g is None else g.detach()
-        for g, p in zip(grads, params)
+        for g, p in zip(grads, params, strict=True)
     ]
 
 

@@ -12,8 +12,10 @@ The returned value is the largest *algebraic* eigenvalue (the sharpness directio
 largest in magnitude.
 
 Double backward must exist for every op of the model. Fused attention kernels (SDPA's
-flash/efficient kernels, flash-attention) do not have it: load such models with
-``attn_implementation="eager"``.
+flash/efficient kernels, flash-attention) and autograd Functions marked ``once_differentiable`` do
+not have it. They leave an error node in the gradient's graph, which is looked for before the
+first product, so the result is a clear error (load such models with
+``attn_implementation="eager"``), never a silently truncated Hessian.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import Tensor
 
 _NO_DOUBLE_BACKWARD = (
     "Hessian-vector products need a double backward through every op of the model, and one op here "
-    "has none{attn}. Load the model with attn_implementation=\"eager\" (e.g. "
+    'has none{attn}. Load the model with attn_implementation="eager" (e.g. '
     "AutoModel.from_pretrained(..., attn_implementation='eager') or model.set_attn_implementation('eager')), "
     "replace custom autograd Functions marked once_differentiable, or call probe(..., hessian=False). "
     "Original error: {err}"
@@ -44,7 +46,28 @@ class HessianTop:
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
+
+
+_ERROR_NODES = frozenset({"Error", "DelayedError", "NotImplemented"})
+
+
+def _first_error_node(tensors: Sequence[Tensor]) -> str | None:
+    """Name of a node that raises when differentiated, found in the graph of ``tensors``."""
+    stack = [t.grad_fn for t in tensors if t.grad_fn is not None]
+    seen: set[int] = set()
+    keep = []  # node objects stay alive while their ids are in `seen`
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        keep.append(node)
+        name = type(node).__name__
+        if name in _ERROR_NODES:
+            return name
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return None
 
 
 def _attn_hint(model: torch.nn.Module | None) -> str:
@@ -74,7 +97,13 @@ def hessian_top_eigenvalue(
     params = list(params)
     value = loss() if callable(loss) else loss
     grads = torch.autograd.grad(value, params, create_graph=True, allow_unused=True)
-    pairs = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
+    pairs = [(g, p) for g, p in zip(grads, params, strict=True) if g is not None and g.requires_grad]
+    bad = _first_error_node([g for g, _ in pairs])
+    if bad is not None:
+        # An op without double backward leaves an error node in the gradient's graph. Autograd
+        # raises only if that node is reached, and it may not be: the Hessian would then be
+        # silently wrong (too small), so refuse here.
+        raise RuntimeError(_NO_DOUBLE_BACKWARD.format(attn=_attn_hint(model), err=f"graph node {bad}"))
     if not pairs:
         return HessianTop(0.0, 0, True)  # the loss is (at most) linear in these parameters
 
@@ -92,7 +121,7 @@ def hessian_top_eigenvalue(
             )
         except RuntimeError as err:
             raise RuntimeError(_NO_DOUBLE_BACKWARD.format(attn=_attn_hint(model), err=err)) from err
-        return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params)]
+        return [torch.zeros_like(p) if o is None else o.detach() for o, p in zip(out, params, strict=True)]
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
     q = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.device, p.dtype) for p in params]
@@ -111,7 +140,7 @@ def hessian_top_eigenvalue(
         for _ in range(2):
             for b in basis:
                 c = _dot(w, b)
-                w = [x - c * y for x, y in zip(w, b)]
+                w = [x - c * y for x, y in zip(w, b, strict=True)]
         tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if betas:
             off = torch.tensor(betas, dtype=torch.float64)

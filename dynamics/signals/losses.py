@@ -138,7 +138,9 @@ def classification_losses(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
             f"and {tuple(labels.shape)}"
         )
     if labels.is_floating_point():
-        raise ValueError("classification loss needs integer class labels; for regression pass a callable loss")
+        raise ValueError(
+            "classification loss needs integer class labels; for regression pass a callable loss"
+        )
     ce = F.cross_entropy(_upcast(logits), labels.to(logits.device), reduction="none")
     return ce, torch.ones_like(ce)
 

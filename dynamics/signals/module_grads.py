@@ -37,14 +37,14 @@ def call_per_example_grads(
 
     def run(theta: dict[str, Tensor], xs_i: Sequence[Tensor], add_batch_dim: bool) -> tuple[Tensor, ...]:
         lv = list(leaves)
-        for k, x in zip(batched, xs_i):
+        for k, x in zip(batched, xs_i, strict=True):
             lv[k] = x.unsqueeze(0) if add_batch_dim else x
         args, kwargs = tree_unflatten(lv, spec)
         out = torch.func.functional_call(module, theta, tuple(args), kwargs)
         out_leaves = flat_leaves(out)
         return tuple(out_leaves[k] for k in call.grad_idx)
 
-    theta = {name: p.detach() for name, p in zip(names, params)}
+    theta = {name: p.detach() for name, p in zip(names, params, strict=True)}
 
     def one(xs_i: tuple[Tensor, ...], dys_i: tuple[Tensor, ...]) -> dict[str, Tensor]:
         _, vjp_fn = torch.func.vjp(lambda th: run(th, xs_i, True), theta)
@@ -57,19 +57,19 @@ def call_per_example_grads(
     except Exception:  # noqa: BLE001 - any failure of vmap on user code -> the loop below
         pass
 
-    leaf_theta = {name: p.detach().requires_grad_(True) for name, p in zip(names, params)}
+    leaf_theta = {name: p.detach().requires_grad_(True) for name, p in zip(names, params, strict=True)}
     per: list[list[Tensor]] = [[] for _ in names]
     for i in range(n):
         with torch.enable_grad():
             outs = run(leaf_theta, [x[i : i + 1] for x in xs], False)
-            pairs = [(o, d[i : i + 1]) for o, d in zip(outs, dys) if o.requires_grad]
+            pairs = [(o, d[i : i + 1]) for o, d in zip(outs, dys, strict=True) if o.requires_grad]
             if pairs:
                 gs = torch.autograd.grad(
                     [o for o, _ in pairs], list(leaf_theta.values()), [d for _, d in pairs], allow_unused=True
                 )
             else:
                 gs = [None] * len(names)
-        for k, (gk, p) in enumerate(zip(gs, params)):
+        for k, (gk, p) in enumerate(zip(gs, params, strict=True)):
             per[k].append(torch.zeros_like(p) if gk is None else gk)
     return [torch.stack(rows) for rows in per]
 
@@ -81,7 +81,7 @@ def module_per_example_grads(
     total: list[Tensor] | None = None
     for call in calls:
         grads = call_per_example_grads(module, names, params, call, n)
-        total = grads if total is None else [a + b for a, b in zip(total, grads)]
+        total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
     if total is None:
         return [torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in params]
     return total

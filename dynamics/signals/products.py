@@ -18,8 +18,8 @@ per-example gradient is their sum. Two ways to get its block of ``K``:
 * materialised ``g_i`` (``bmm`` or ``index_add``) and ``K += G G^T``; cost ~ ``n T d_a d_b + n^2 d_a d_b``,
   memory ``n d_a d_b``.
 
-``method="auto"`` takes the cheaper by this operation count (ghost when the materialised gradients
-would not fit the memory budget). Per-example gradients of any other kind (bias sums, module-local
+``method="auto"`` takes the cheaper by this operation count. Materialised gradients are formed in
+blocks of rows (or columns) of the weight, so their memory stays bounded whatever the layer size. Per-example gradients of any other kind (bias sums, module-local
 or exact autograd gradients) are added as dense ``(n, ...)`` blocks. Products run in the parameter
 dtype promoted to at least float32; ``K`` is accumulated in float64.
 
@@ -38,7 +38,9 @@ from torch.nn import functional as F
 from dynamics.signals.capture import ModuleCall
 
 CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost products
-MATERIALIZE_ELEMENTS = 1 << 27  # largest n * d_a * d_b materialised for one parameter
+MATERIALIZE_ELEMENTS = 1 << 26  # largest block of materialised per-example gradients (elements)
+PRUNE_RATIO = 8  # count non-zero token rows only if ghost products are within this factor
+DIRECT_GRAM = 1 << 14  # per-example sizes from which a block's Gram is taken at once, not batched
 
 
 @dataclass
@@ -56,7 +58,9 @@ def linear_weight_factor(call: ModuleCall) -> Factored:
     x = call.main_input()
     dy = call.dys[0]
     n = x.shape[0]
-    return Factored(dy.reshape(n, -1, dy.shape[-1]), x.detach().reshape(n, -1, x.shape[-1]), False, dy.shape[-1])
+    return Factored(
+        dy.reshape(n, -1, dy.shape[-1]), x.detach().reshape(n, -1, x.shape[-1]), False, dy.shape[-1]
+    )
 
 
 def linear_bias_grad(call: ModuleCall) -> Tensor:
@@ -77,7 +81,12 @@ def conv_weight_factor(call: ModuleCall) -> Factored:
     n = x.shape[0]
     if x.dim() == 3:  # Conv1d as a 2-D convolution of height 1
         x = x.unsqueeze(2)
-        kernel, dilation, padding, stride = (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride)
+        kernel, dilation, padding, stride = (
+            (1, *m.kernel_size),
+            (1, *m.dilation),
+            (0, *m.padding),
+            (1, *m.stride),
+        )
     else:
         kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
@@ -104,18 +113,23 @@ def embedding_factor(call: ModuleCall) -> Factored:
     return Factored(ids, dz, True, call.module.num_embeddings)
 
 
-def _prune(f: Factored, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+def _row_mask(f: Factored) -> Tensor:
+    """(n * T,) True where token ``t`` of example ``i`` contributes (its factor rows are non-zero).
+
+    For a dense ``a`` (an output gradient) only ``a`` is tested: input rows are rarely all zero.
+    """
+    n, t = f.b.shape[:2]
+    rows = f.b if f.a_index else f.a
+    return rows.reshape(n * t, -1).any(1)
+
+
+def _prune(f: Factored, dtype: torch.dtype, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Token rows with a non-zero contribution: ``(a rows, b rows, example index of each row)``."""
     n, t = f.b.shape[:2]
-    b = f.b.reshape(n * t, -1).to(dtype)
-    keep = (b != 0).any(1)
-    if f.a_index:
-        a = f.a.reshape(n * t)
-    else:
-        a = f.a.reshape(n * t, -1).to(dtype)
-        keep &= (a != 0).any(1)
-    idx = keep.nonzero().squeeze(1)
-    return a[idx], b[idx], torch.div(idx, t, rounding_mode="floor")
+    idx = (_row_mask(f) if mask is None else mask).nonzero().squeeze(1)
+    b = f.b.reshape(n * t, -1)[idx].to(dtype)
+    a = f.a.reshape(n * t)[idx] if f.a_index else f.a.reshape(n * t, -1)[idx].to(dtype)
+    return a, b, torch.div(idx, t, rounding_mode="floor")
 
 
 def _inner(a1: Tensor, i1: bool, a2: Tensor, i2: bool, dtype: torch.dtype) -> Tensor:
@@ -157,6 +171,9 @@ class GramBuilder:
         if direction is not None:
             self.dots += (flat @ direction.reshape(-1).to(dtype)).double()
             self.has_dots = True
+        if flat.shape[1] >= DIRECT_GRAM:
+            self.K += (flat @ flat.T).double()
+            return
         self._pending.append(flat)
         self._pending_size += flat.numel()
         if self._pending_size >= CHUNK_ELEMENTS:
@@ -174,45 +191,62 @@ class GramBuilder:
         self._pending, self._pending_size = [], 0
 
     def add_factored(
-        self, pid: int, shape: torch.Size, factors: list[Factored], dense: list[Tensor], direction: Tensor | None
+        self,
+        pid: int,
+        shape: torch.Size,
+        factors: list[Factored],
+        dense: list[Tensor],
+        direction: Tensor | None,
     ) -> None:
         """Add one parameter whose per-example gradient is ``sum(factors) + sum(dense)``."""
-        if dense or not factors:
-            total = sum(dense) if dense else None
+        if dense:
+            total = sum(dense)
             for f in factors:
                 m = self._materialize(f)
-                total = m if total is None else total + m
-            if total is not None:
-                self.add_dense(total.reshape(self.n, *shape), direction)
-                self.paths["materialized"].append(pid)
-            return
-        dtype = torch.promote_types(factors[0].b.dtype, torch.float32)
-        self._note_dtype(dtype)
-        parts = [_prune(f, dtype) for f in factors]
-        d_b = factors[0].b.shape[-1]
-        d_a = factors[0].d_a
-        ghost_ops = 0
-        for c1 in range(len(parts)):
-            for c2 in range(c1, len(parts)):
-                da = 1 if (factors[c1].a_index or factors[c2].a_index) else d_a
-                ghost_ops += len(parts[c1][2]) * len(parts[c2][2]) * (da + d_b + 1)
-        mat_ops = sum(self.n * f.b.shape[1] * (1 if f.a_index else d_a) * d_b for f in factors)
-        mat_ops += self.n * self.n * d_a * d_b
-        fits = self.n * d_a * d_b <= MATERIALIZE_ELEMENTS
-        ghost = self.mode == "ghost" or (self.mode == "auto" and (ghost_ops < mat_ops or not fits))
-        if not ghost:
-            total = None
-            for f in factors:
-                m = self._materialize(f)
-                total = m if total is None else total + m
+                total = total + m.reshape(total.shape)
             self.add_dense(total.reshape(self.n, *shape), direction)
             self.paths["materialized"].append(pid)
             return
+        if not factors:
+            return
+        dtype = torch.promote_types(factors[0].b.dtype, torch.float32)
+        self._note_dtype(dtype)
+        d_b = factors[0].b.shape[-1]
+        d_a = factors[0].d_a
+        mat_ops = sum(self.n * f.b.shape[1] * (1 if f.a_index else d_a) * d_b for f in factors)
+        mat_ops += self.n * self.n * d_a * d_b
+
+        def ghost_ops(rows: list[int]) -> int:
+            ops = 0
+            for c1 in range(len(factors)):
+                for c2 in range(c1, len(factors)):
+                    da = 1 if (factors[c1].a_index or factors[c2].a_index) else d_a
+                    ops += rows[c1] * rows[c2] * (da + d_b + 1)
+            return ops
+
+        masks = None
+        if self.mode == "ghost":
+            ghost = True
+        elif self.mode == "materialize":
+            ghost = False
+        else:
+            # Dropping zero rows can only make ghost products cheaper; count them only when that
+            # could change the decision (it costs a pass over the factors).
+            full = ghost_ops([self.n * f.b.shape[1] for f in factors])
+            ghost = full < mat_ops
+            if not ghost and full < PRUNE_RATIO * mat_ops:
+                masks = [_row_mask(f) for f in factors]
+                ghost = ghost_ops([int(m.sum()) for m in masks]) < mat_ops
+        if not ghost:
+            self._add_materialized(factors, d_a, d_b, direction)
+            self.paths["materialized"].append(pid)
+            return
         self.paths["ghost"].append(pid)
+        parts = [_prune(f, dtype, None if masks is None else masks[k]) for k, f in enumerate(factors)]
         self.K += self._ghost(parts, [f.a_index for f in factors], dtype)
         if direction is not None:
             d = direction.to(dtype).reshape(d_a, -1)
-            for (a, b, seg), f in zip(parts, factors):
+            for (a, b, seg), f in zip(parts, factors, strict=True):
                 if f.a_index:
                     per_row = (d[a] * b).sum(1)
                 else:
@@ -220,16 +254,49 @@ class GramBuilder:
                 self.dots.index_add_(0, seg, per_row.double())
             self.has_dots = True
 
-    def _materialize(self, f: Factored) -> Tensor:
+    def _add_materialized(
+        self, factors: list[Factored], d_a: int, d_b: int, direction: Tensor | None
+    ) -> None:
+        """Materialise ``g_i`` block by block (memory ``<= MATERIALIZE_ELEMENTS``), adding each block's Gram.
+
+        Blocks split the weight's rows (``d_a``), or its columns (``d_b``) when a factor is one-hot;
+        the Gram of a parameter is the sum of its blocks' Grams. The (d_b, d_a) layout of a
+        block makes the batched product's left factor the narrower one, which BLAS runs faster
+        (the layout of a per-example gradient does not change ``K``).
+        """
+        by_cols = any(f.a_index for f in factors)
+        size, other = (d_b, d_a) if by_cols else (d_a, d_b)
+        step = max(1, MATERIALIZE_ELEMENTS // max(1, self.n * other))
+        swap = not by_cols and d_a > d_b
+        dmat = None if direction is None else direction.reshape(d_a, d_b)
+        for s0 in range(0, size, step):
+            sl = slice(s0, min(size, s0 + step))
+            total = None
+            for f in factors:
+                m = self._materialize(f, swap, cols=sl) if by_cols else self._materialize(f, swap, rows=sl)
+                total = m if total is None else total + m
+            d = None
+            if dmat is not None:
+                d = dmat[:, sl] if by_cols else dmat[sl]
+                d = d.T if swap else d
+            self.add_dense(total, d)
+
+    def _materialize(
+        self, f: Factored, swap: bool = False, rows: slice | None = None, cols: slice | None = None
+    ) -> Tensor:
+        """``g_i`` (rows / columns of it) as (n, d_a, d_b), or as (n, d_b, d_a) with ``swap``."""
         dtype = torch.promote_types(f.b.dtype, torch.float32)
-        b = f.b.to(dtype)
+        b = f.b.to(dtype) if cols is None else f.b[..., cols].to(dtype)
         n, t, d_b = b.shape
         if f.a_index:
             g = torch.zeros(n * f.d_a, d_b, dtype=dtype, device=b.device)
             offsets = f.a + torch.arange(n, device=b.device)[:, None] * f.d_a
             g.index_add_(0, offsets.reshape(-1), b.reshape(n * t, d_b))
             return g.view(n, f.d_a, d_b)
-        return torch.bmm(f.a.to(dtype).transpose(1, 2), b)
+        a = f.a.to(dtype) if rows is None else f.a[..., rows].to(dtype)
+        if swap:
+            return torch.bmm(b.transpose(1, 2), a)
+        return torch.bmm(a.transpose(1, 2), b)
 
     def _ghost(self, parts: list[tuple[Tensor, Tensor, Tensor]], is_index: list[bool], dtype) -> Tensor:
         n = self.n

@@ -14,7 +14,9 @@ TASKS = ["a", "b", "c"]
 class ItemDataset(Dataset):
     """The rows of a tiny_models batch as dict items (``task_ids`` an int per item, optional)."""
 
-    def __init__(self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, with_task_ids: bool = True) -> None:
+    def __init__(
+        self, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, with_task_ids: bool = True
+    ) -> None:
         n = task_ids.shape[0]
         self.items = []
         for i in range(n):
@@ -71,7 +73,9 @@ def store_table(run_dir: Path, name: str):
 
 
 @torch.no_grad()
-def hf_task_losses(model, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, tasks=TASKS) -> dict[str, float]:
+def hf_task_losses(
+    model, batch: dict[str, torch.Tensor], task_ids: torch.Tensor, tasks=TASKS
+) -> dict[str, float]:
     """Reference: transformers' own loss (``model(**sub).loss``) on each task's examples alone."""
     was = model.training
     model.eval()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,22 +17,46 @@ from dynamics.store.reader import find_run_dirs
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "hooks" / "torchrun_ddp.py"
-ARGS = ["--steps", "4", "--grad-accum", "2", "--global-batch-size", "8", "--probe-every", "2", "--probe-size", "6"]
-
-
-def _run(cmd: list[str], timeout: float) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:  # a hang fails the test instead of blocking the suite
-        pytest.fail(f"{' '.join(cmd[:4])} did not finish in {timeout} s (a collective waiting forever?):\n{err.stderr}")
-    assert done.returncode == 0, done.stderr[-4000:]
+ARGS = [
+    "--steps",
+    "4",
+    "--grad-accum",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--probe-every",
+    "2",
+    "--probe-size",
+    "6",
+]
 
 
 def test_two_gloo_ranks_record_the_single_process_losses_once(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    _run([*torchrun, str(RECIPE), "--out", str(tmp_path / "ddp"), *ARGS], timeout=120)
-    _run([sys.executable, str(RECIPE), "--out", str(tmp_path / "single"), *ARGS], timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "torchrun.log").open("w+")  # a file, not a pipe: a full pipe would stall the ranks
+    ddp_job = subprocess.Popen(
+        [*torchrun, str(RECIPE), "--out", str(tmp_path / "ddp"), *ARGS],
+        cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,  # its own group: the ranks too
+    )  # fmt: skip
+    try:
+        # Meanwhile, the same global batches in one process (this one).
+        sys.path.insert(0, str(RECIPE.parent))
+        try:
+            runpy.run_path(str(RECIPE))["main"](["--out", str(tmp_path / "single"), *ARGS])
+        finally:
+            sys.path.remove(str(RECIPE.parent))
+        ddp_job.wait(timeout=120)
+    except subprocess.TimeoutExpired:  # a hang fails the test instead of blocking the suite
+        pytest.fail("torchrun did not finish in 120 s (a collective waiting forever?)")
+    finally:
+        if ddp_job.poll() is None:
+            os.killpg(ddp_job.pid, signal.SIGKILL)  # the launcher and its ranks, nothing else
+            ddp_job.wait()
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert ddp_job.returncode == 0, output[-4000:]
 
     [run_dir] = find_run_dirs(tmp_path / "ddp")  # only rank 0 wrote
     raw = pq.read_table(run_dir / "metrics").to_pandas()  # every part as written, no de-duplication

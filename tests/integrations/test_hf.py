@@ -91,7 +91,11 @@ def test_tensorboard_event_files_hold_the_dynamics_scalars(tmp_path):
     for task in TASKS:
         tb = {e.step: e.value for e in acc.Scalars(f"train/dynamics/loss/{task}")}
         assert tb == pytest.approx(loss[task].dropna().to_dict(), rel=1e-6)
-    assert {"train/dynamics/grad_cosine/a|b", "train/dynamics/fisher_se", "train/dynamics/update_cosine/a"} <= tags
+    assert {
+        "train/dynamics/grad_cosine/a|b",
+        "train/dynamics/fisher_se",
+        "train/dynamics/update_cosine/a",
+    } <= tags
 
 
 def test_probes_do_not_change_training(tmp_path):
@@ -103,7 +107,9 @@ def test_probes_do_not_change_training(tmp_path):
         if attach:
             dynamics.attach(trainer, tasks=TASKS, probe_every=1, probe_size=6)
         trainer.train()
-        return logged_losses(trainer), {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logged_losses(trainer), {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", DynamicsWarning)
@@ -118,11 +124,19 @@ def test_probes_do_not_change_training(tmp_path):
 def test_evaluation_during_training_gives_scores_and_is_not_counted_as_training(tmp_path):
     batch, ids, data = _data(llama_batch)
     held_out, held_ids = llama_batch(n=12, seed=7)
-    evals = {t: ItemDataset({k: v[held_ids == a] for k, v in held_out.items()}, held_ids[held_ids == a]) for a, t in enumerate(TASKS)}
-    trainer = trainer_for(tiny_llama(), data, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, eval_dataset=evals)
+    evals = {
+        t: ItemDataset({k: v[held_ids == a] for k, v in held_out.items()}, held_ids[held_ids == a])
+        for a, t in enumerate(TASKS)
+    }
+    trainer = trainer_for(
+        tiny_llama(), data, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, eval_dataset=evals
+    )
     dynamics.attach(trainer, tasks=TASKS, probe_every=2, probe_size=6)
     trainer.train()
-    last_eval = {t: [h[f"eval_{t}_loss"] for h in trainer.state.log_history if f"eval_{t}_loss" in h][-1] for t in TASKS}
+    last_eval = {
+        t: [h[f"eval_{t}_loss"] for h in trainer.state.log_history if f"eval_{t}_loss" in h][-1]
+        for t in TASKS
+    }
     scores = load_runs(tmp_path / "dynamics").scores.set_index(["task", "metric"])["value"]
     for t in TASKS:
         assert scores[(t, "loss")] == pytest.approx(last_eval[t])

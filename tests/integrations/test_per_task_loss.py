@@ -33,7 +33,7 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     batch, _ = llama_batch(n=7, seq_len=10)
     logits = torch.randn(7, 10, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     whole = per_example_loss(logits, batch["labels"], "causal_lm")
-    monkeypatch.setattr(per_task_loss, "_CHUNK_ELEMENTS", 2 * 10 * 64)  # two examples per chunk
+    monkeypatch.setattr(per_task_loss, "_CHUNK_ELEMENTS", 3 * 64)  # three tokens per chunk
     chunked = per_example_loss(logits, batch["labels"], "causal_lm")
     torch.testing.assert_close(chunked, whole)
 
@@ -44,14 +44,17 @@ def test_classification_regression_multilabel_against_formulas():
     labels = torch.randint(0, 4, (6,), generator=gen)
     s, n = per_example_loss(logits, labels, "classification")
     want = [
-        -math.log(math.exp(float(logits[i, labels[i]])) / sum(math.exp(float(z)) for z in logits[i])) for i in range(6)
+        -math.log(math.exp(float(logits[i, labels[i]])) / sum(math.exp(float(z)) for z in logits[i]))
+        for i in range(6)
     ]
     assert s.tolist() == pytest.approx(want, rel=1e-5)
     assert n.tolist() == [1.0] * 6
 
     target = torch.randn(6, 4, generator=gen)
     s, _ = per_example_loss(logits, target, "regression")
-    assert s.tolist() == pytest.approx([float(((logits[i] - target[i]) ** 2).mean()) for i in range(6)], rel=1e-5)
+    assert s.tolist() == pytest.approx(
+        [float(((logits[i] - target[i]) ** 2).mean()) for i in range(6)], rel=1e-5
+    )
 
     bits = (target > 0).float()
     s, _ = per_example_loss(logits, bits, "multilabel")

@@ -22,7 +22,9 @@ def _main(name: str):
 
 
 def test_hf_trainer_recipe(tmp_path):
-    run_dir = _main("hf_trainer")(["--out", str(tmp_path), "--model", "llava", "--steps", "6", "--probe-every", "3"])
+    run_dir = _main("hf_trainer")(
+        ["--out", str(tmp_path), "--model", "llava", "--steps", "6", "--probe-every", "3"]
+    )
     rs = load_runs(run_dir)
     m = rs.metrics
     assert sorted(m.loc[m["name"] == "train_loss", "step"]) == list(range(1, 7))
@@ -39,5 +41,7 @@ def test_plain_loop_recipe(tmp_path, capsys):
     assert sorted(m.loc[m["name"] == "update_cosine", "step"].unique()) == [10, 20]
     assert m.loc[m["name"] == "n_examples"].groupby("step")["value"].sum().eq(24).all()
     acc = rs.scores.set_index(["task", "metric"])["value"]
-    assert acc[("", "accuracy")] == pytest.approx(acc[[("shape", "accuracy"), ("color", "accuracy"), ("size", "accuracy")]].mean())
+    assert acc[("", "accuracy")] == pytest.approx(
+        acc[[("shape", "accuracy"), ("color", "accuracy"), ("size", "accuracy")]].mean()
+    )
     assert "dynamics/loss/shape" in capsys.readouterr().out

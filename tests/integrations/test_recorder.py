@@ -42,7 +42,9 @@ def _reference(micro) -> dict[int, dict[str, tuple[float, float, int]]]:
 
 def test_store_rows_equal_explicit_per_task_losses(tmp_path):
     micro = list(_micro_batches(n_steps=3, accum=2))
-    rec = LoopRecorder(mlp(), tasks=TASKS, out_dir=tmp_path / "run", probe_every=0, loss="causal_lm", sync_every=2)
+    rec = LoopRecorder(
+        mlp(), tasks=TASKS, out_dir=tmp_path / "run", probe_every=0, loss="causal_lm", sync_every=2
+    )
     lr_source = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.25)
     for step in (1, 2, 3):
         for s, logits, labels, ids in micro:
@@ -94,13 +96,13 @@ def test_bad_task_ids_warn_once_and_keep_the_rest(tmp_path):
         model(**batch, task_ids=ids[:4])  # wrong length: reported, batch skipped
         with rec.update():
             pass
-    messages = [str(w.message) for w in caught]
+        rec.close()  # out-of-range ids are counted on the device and reported at the sync
+    messages = sorted(str(w.message) for w in caught)
     assert len(messages) == 3
-    assert "no 'task_ids'" in messages[0]
-    assert "[7]" in messages[1] and "outside the declared tasks" in messages[1]
+    assert "1 training examples (the first at step 1) have task ids outside the declared tasks" in messages[0]
+    assert "no 'task_ids'" in messages[1]
     assert "one task index per example" in messages[2]
     assert rec.recorder.problems["no_task_ids"] == 3
-    rec.close()
     m = load_runs(tmp_path / "run").metrics
     counts = m[m["name"] == "n_examples"].set_index("task")["value"]
     expected = np.bincount(ids[1:].numpy(), minlength=3)
@@ -118,7 +120,13 @@ def test_a_probe_that_raises_is_reported_once_and_training_goes_on(tmp_path, mon
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe_batch, probe_ids = mlp_batch(n=6, seed=9)
-    rec = LoopRecorder(model, tasks=TASKS, out_dir=tmp_path / "run", probe_every=1, probe_batch={**probe_batch, "task_ids": probe_ids})
+    rec = LoopRecorder(
+        model,
+        tasks=TASKS,
+        out_dir=tmp_path / "run",
+        probe_every=1,
+        probe_batch={**probe_batch, "task_ids": probe_ids},
+    )
     with pytest.warns(DynamicsWarning, match="FancyAttention") as caught:
         for k in range(3):
             batch, ids = mlp_batch(n=6, seed=k)
@@ -163,7 +171,11 @@ def test_probe_leaves_training_unchanged_and_update_cosine_uses_the_pre_update_p
         return losses
 
     rec = LoopRecorder(
-        model, tasks=TASKS, out_dir=tmp_path / "run", probe_every=1, probe_batch={**probe_batch, "task_ids": probe_ids}
+        model,
+        tasks=TASKS,
+        out_dir=tmp_path / "run",
+        probe_every=1,
+        probe_batch={**probe_batch, "task_ids": probe_ids},
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error", DynamicsWarning)
@@ -180,7 +192,9 @@ def test_probe_leaves_training_unchanged_and_update_cosine_uses_the_pre_update_p
     batch, _ = mlp_batch(n=6, seed=0)
     theta1(**batch)["loss"].backward()
     opt.step()
-    delta = torch.cat([(p1 - p0).flatten() for p1, p0 in zip(theta1.parameters(), theta0.parameters(), strict=True)])
+    delta = torch.cat(
+        [(p1 - p0).flatten() for p1, p0 in zip(theta1.parameters(), theta0.parameters(), strict=True)]
+    )
     theta0.eval()
     m = load_runs(tmp_path / "run").metrics
     got = m[(m["name"] == "update_cosine") & (m["step"] == 1)].set_index("task")["value"]
@@ -203,7 +217,13 @@ def test_record_scores_adds_the_multi_task_average_and_parses_eval_keys(tmp_path
     with pytest.raises(ValueError, match="unknown task"):
         Recorder(["a"]).record_scores({"b": {"acc": 1.0}})
     parsed = parse_eval_metrics(
-        {"eval_vqa_long_acc": 0.2, "eval_vqa_acc": 0.3, "eval_loss": 1.0, "eval_vqa_runtime": 2.0, "epoch": 1.0},
+        {
+            "eval_vqa_long_acc": 0.2,
+            "eval_vqa_acc": 0.3,
+            "eval_loss": 1.0,
+            "eval_vqa_runtime": 2.0,
+            "epoch": 1.0,
+        },
         ["vqa", "vqa_long", "report"],
     )
     assert parsed == {"vqa_long": {"acc": 0.2}, "vqa": {"acc": 0.3}}
@@ -230,3 +250,38 @@ def test_invalid_configuration_is_rejected_with_the_fix():
         Recorder(["a"], probe_every=-1)
     with pytest.raises(ValueError, match="may not set 'direction'"):
         Recorder(["a"], probe_kwargs={"direction": []})
+
+
+def test_ddp_wrapped_model_is_probed_through_its_module(tmp_path):
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        inner = mlp()
+        ddp = torch.nn.parallel.DistributedDataParallel(inner)
+        probe_batch, probe_ids = mlp_batch(n=6, seed=9)
+        rec = LoopRecorder(
+            ddp,
+            tasks=TASKS,
+            out_dir=tmp_path / "run",
+            probe_every=1,
+            probe_batch={**probe_batch, "task_ids": probe_ids},
+        )
+        assert rec.recorder.model is inner
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DynamicsWarning)
+            for k in range(2):
+                batch, ids = mlp_batch(n=6, seed=k)
+                ddp(**batch, task_ids=ids)["loss"].backward()
+                with rec.update(opt):
+                    opt.step()
+                opt.zero_grad()
+        rec.close()
+    finally:
+        dist.destroy_process_group()
+    m = load_runs(tmp_path / "run").metrics
+    assert sorted(m.loc[m["name"] == "fisher_se", "step"]) == [1, 2]
+    assert sorted(m.loc[m["name"] == "train_loss", "step"]) == [1, 2]

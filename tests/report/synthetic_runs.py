@@ -72,7 +72,9 @@ def write_run(
         if scores:
             w.log_scores(
                 {
-                    t: {"accuracy": float(0.6 + 0.03 * effect + 0.4 * late_rho + 0.01 * rng.standard_normal())}
+                    t: {
+                        "accuracy": float(0.6 + 0.03 * effect + 0.4 * late_rho + 0.01 * rng.standard_normal())
+                    }
                     for t in tasks
                 }
             )

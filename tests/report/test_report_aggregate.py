@@ -22,7 +22,14 @@ def _rows(seed: int = 0) -> pd.DataFrame:
         for task in ("a", "b"):
             parts.append(
                 pd.DataFrame(
-                    {"run_id": run, "group": group, "step": steps, "task": task, "task_b": "", "value": rng.normal(size=len(steps))}
+                    {
+                        "run_id": run,
+                        "group": group,
+                        "step": steps,
+                        "task": task,
+                        "task_b": "",
+                        "value": rng.normal(size=len(steps)),
+                    }
                 )
             )
     rows = pd.concat(parts, ignore_index=True)
@@ -46,8 +53,13 @@ def test_binned_curves_match_brute_force():
                 for run in ok["run_id"].unique():
                     vals = [
                         v
-                        for s, v, r, g, t in zip(ok["step"], ok["value"], ok["run_id"], ok["group"], ok["task"], strict=True)
-                        if r == run and g == group and t == task and min(int((s - lo) // width), n_bins - 1) == b
+                        for s, v, r, g, t in zip(
+                            ok["step"], ok["value"], ok["run_id"], ok["group"], ok["task"], strict=True
+                        )
+                        if r == run
+                        and g == group
+                        and t == task
+                        and min(int((s - lo) // width), n_bins - 1) == b
                     ]
                     if vals:
                         per_run.append(sum(vals) / len(vals))
@@ -93,7 +105,9 @@ def test_phase_means_match_brute_force():
         per_run = []
         for run in ok["run_id"].unique():
             vals = []
-            for s, v, r, g, t in zip(ok["step"], ok["value"], ok["run_id"], ok["group"], ok["task"], strict=True):
+            for s, v, r, g, t in zip(
+                ok["step"], ok["value"], ok["run_id"], ok["group"], ok["task"], strict=True
+            ):
                 if r != run or g != row.group or t != row.task:
                     continue
                 frac = s / n_steps[run]
@@ -126,6 +140,8 @@ def test_fmt(x, text):
     assert fmt(x) == text
 
 
-@pytest.mark.parametrize(("p", "text"), [(0.5, "0.50"), (0.0312, "0.03"), (0.0049, "0.0049"), (3.14e-5, "3.1e-05")])
+@pytest.mark.parametrize(
+    ("p", "text"), [(0.5, "0.50"), (0.0312, "0.03"), (0.0049, "0.0049"), (3.14e-5, "3.1e-05")]
+)
 def test_fmt_p(p, text):
     assert fmt_p(p) == text

@@ -17,7 +17,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli") / "runs"
-    write_runs(root, n_models=2, n_seeds=3, n_steps=40, probe_every=5)
+    write_runs(root, n_models=2, n_seeds=2, tasks=("cls", "vqa"), n_steps=40, probe_every=5)
     return root
 
 
@@ -31,7 +31,9 @@ def _stderr(result) -> str:
 @needs_poppler
 def test_report_command_writes_the_pdf(runs, tmp_path):
     out = tmp_path / "r.pdf"
-    result = runner.invoke(app, ["report", str(runs), "-o", str(out), "--no-progress", "--pair", "model,seed"])
+    result = runner.invoke(
+        app, ["report", str(runs), "-o", str(out), "--no-progress", "--pair", "model,seed"]
+    )
     assert result.exit_code == 0, result.output
     n = int(result.output.split("(")[1].split(" pages")[0])
     assert out.exists() and page_count(out) == n
@@ -46,7 +48,13 @@ def test_report_command_writes_the_pdf(runs, tmp_path):
     ],
 )
 def test_report_command_bad_input(runs, tmp_path, args, match):
-    argv = ["report", *(a.format(tmp=tmp_path, runs=runs) for a in args), "-o", str(tmp_path / "r.pdf"), "--no-progress"]
+    argv = [
+        "report",
+        *(a.format(tmp=tmp_path, runs=runs) for a in args),
+        "-o",
+        str(tmp_path / "r.pdf"),
+        "--no-progress",
+    ]
     result = runner.invoke(app, argv)
     assert result.exit_code == 2
     err = _stderr(result)

@@ -22,6 +22,7 @@ TITLES = {p.key: p.title for p in PAGES}
 ALL_PAGES = ["Overview", *TITLES.values()]
 PROBE_PAGES = [TITLES[k] for k in ("grad_norm", "cosine", "conflict", "fisher")]
 NUMBER = r"(-?\d+(?:\.\d+)?(?:e[+-]\d+)?)"
+PRIMARY = ["multitask_score", "fisher_se/all/mean", "fisher_rho/all/mean"]
 
 
 def _close(text: str, value: float, *, p: bool = False) -> bool:
@@ -34,10 +35,10 @@ def _close(text: str, value: float, *, p: bool = False) -> bool:
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
-    """40 runs (IMAX/DMAX x 4 models x 5 seeds), short, with probes and scores; one report with figures."""
+    """40 runs (IMAX/DMAX x 4 models x 5 seeds), short, with probes and scores, and their report."""
     tmp = tmp_path_factory.mktemp("report40")
     write_runs(tmp / "runs", n_models=4, n_seeds=5, n_steps=80, probe_every=8)
-    result = build_report([tmp / "runs"], tmp / "out" / "report.pdf", figures_dir=tmp / "figs", progress=False)
+    result = build_report([tmp / "runs"], tmp / "out" / "report.pdf", progress=False)
     return SimpleNamespace(root=tmp / "runs", tmp=tmp, result=result, pdf=tmp / "out" / "report.pdf")
 
 
@@ -51,7 +52,7 @@ def stats(full):
     return SimpleNamespace(
         feats=feats,
         compare=compare(feats, by="construction", pair_on=("model", "seed")),
-        score_compare=compare(feats, by="construction", pair_on=("model", "seed"), features=["multitask_score"]),
+        primary=compare(feats, by="construction", pair_on=("model", "seed"), features=PRIMARY),
         correlate=correlate(feats, target="multitask_score", method="spearman"),
         forecast=forecast(runset, target="multitask_score", fractions=(0.1, 0.25, 0.5), group="model"),
     )
@@ -81,37 +82,42 @@ def _comparison_row(frame, feature):
 
 
 def test_findings_quote_the_comparison(full, stats):
-    # The final score is its own test (a family of one): unadjusted p. diff = b - a, b named first.
-    sentence = next(f for f in full.result.findings if f.startswith("Final score multitask_score"))
-    m = re.search(
-        rf"multitask_score: (\S+) {NUMBER} vs (\S+) {NUMBER} \(difference {NUMBER}, 95% CI {NUMBER} to {NUMBER};"
-        rf".*; p = {NUMBER}\)",
-        sentence,
-    )
-    assert m, sentence
-    row = _comparison_row(stats.score_compare, "multitask_score")
-    assert (m.group(1), m.group(3)) == (str(row["group_b"]), str(row["group_a"]))
-    numbers = [m.group(2), m.group(4), m.group(5), m.group(6), m.group(7)]
-    for text, col in zip(numbers, ["mean_b", "mean_a", "diff", "diff_ci_low", "diff_ci_high"], strict=True):
-        assert _close(text, row[col]), (col, text, row[col])
-    assert _close(m.group(8), row["p_value"], p=True)
-    assert f"n = {int(row['n_pairs'])} pairs" in sentence
-
-    for feature in ("fisher_se/all/mean", "fisher_rho/all/mean"):
-        sentence = next(f for f in full.result.findings if f"({feature})" in f)
-        row = _comparison_row(stats.compare, feature)
-        numbers = re.search(rf"{NUMBER} vs \S+ {NUMBER} \(difference {NUMBER}.*p_holm = {NUMBER}\)", sentence)
-        assert numbers, sentence
-        for text, col in zip(numbers.groups()[:3], ["mean_b", "mean_a", "diff"], strict=True):
+    # Pre-specified family (score, SE, rho): Holm over 3 tests. diff = b - a, so b is named first.
+    primary = stats.primary
+    assert sorted(primary["feature"]) == sorted(PRIMARY)
+    for feature, start in [
+        ("multitask_score", "Final score multitask_score"),
+        *((f, f"({f})") for f in PRIMARY[1:]),
+    ]:
+        sentence = next(f for f in full.result.findings if start in f)
+        m = re.search(
+            rf": (\S+) {NUMBER} vs (\S+) {NUMBER} \(difference {NUMBER}, 95% CI {NUMBER} to {NUMBER}; "
+            rf"Wilcoxon signed-rank, n = (\d+) pairs; p_holm = {NUMBER}, Holm over the 3 pre-specified tests\)\.$",
+            sentence,
+        )
+        assert m, sentence
+        row = _comparison_row(primary, feature)
+        assert (m.group(1), m.group(3)) == (str(row["group_b"]), str(row["group_a"]))
+        numbers = [m.group(2), m.group(4), m.group(5), m.group(6), m.group(7)]
+        for text, col in zip(
+            numbers, ["mean_b", "mean_a", "diff", "diff_ci_low", "diff_ci_high"], strict=True
+        ):
             assert _close(text, row[col]), (feature, col, text, row[col])
-        assert _close(numbers.group(4), row["p_holm"], p=True)
+        assert int(m.group(8)) == row["n_pairs"] == 20
+        assert _close(m.group(9), row["p_holm"], p=True)
 
+    # The exploratory family: every signal feature, Holm over all of them.
     count = next(f for f in full.result.findings if "training-signal features differ" in f)
     declared = set(stats.feats.attrs["feature_columns"])
     signals = stats.compare[stats.compare["feature"].isin(declared)]
     k, n = map(int, re.match(r"(\d+) of (\d+)", count).groups())
     assert k == signals.loc[signals["p_holm"] < 0.05, "feature"].nunique()
     assert n == signals["feature"].nunique()
+    strongest = next(f for f in full.result.findings if f.startswith("Strongest other difference"))
+    feature = strongest.split(": ")[1]
+    row = _comparison_row(stats.compare, feature)
+    assert feature not in PRIMARY and row["p_holm"] == signals["p_holm"].min()
+    assert _close(re.search(rf"p_holm = {NUMBER}", strongest).group(1), row["p_holm"], p=True)
 
 
 def test_findings_quote_the_correlation_and_forecast(full, stats):
@@ -132,7 +138,9 @@ def test_findings_quote_the_correlation_and_forecast(full, stats):
     assert _close(m.group(6), strongest["p_holm"], p=True)
 
     sentence = next(f for f in full.result.findings if "forecast" in f)
-    m = re.search(rf"first {NUMBER}% of training.*Spearman {NUMBER}, R² {NUMBER}, MAE {NUMBER} vs {NUMBER}", sentence)
+    m = re.search(
+        rf"first {NUMBER}% of training.*Spearman {NUMBER}, R² {NUMBER}, MAE {NUMBER} vs {NUMBER}", sentence
+    )
     assert m, sentence
     fc = stats.forecast.set_index("fraction")
     row = fc.loc[min(fc.index, key=lambda f: abs(100 * f - float(m.group(1))))]
@@ -154,22 +162,12 @@ def test_first_page_prints_the_findings(full):
         assert squash(sentence) in text, sentence
 
 
-def test_figures_written_as_png_and_svg(full):
-    figs = sorted(p.name for p in (full.tmp / "figs").iterdir())
-    assert len(figs) == 2 * len(full.result.pages) == len(full.result.figures)
-    assert figs[0].startswith("00_overview.") and any(f.startswith("01_loss.") for f in figs)
-    for path in full.result.figures:
-        assert path.stat().st_size > 1000
-        if path.suffix == ".svg":
-            assert ET.parse(path).getroot().tag.endswith("svg")
-        else:
-            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 @needs_poppler
 def test_losses_only_runs_leave_out_probe_and_score_pages(tmp_path):
     write_runs(tmp_path / "runs", n_models=2, n_seeds=2, n_steps=60, probe_every=None, scores=False)
-    result = build_report([tmp_path / "runs"], tmp_path / "r.pdf", progress=False)
+    result = build_report(
+        [tmp_path / "runs"], tmp_path / "r.pdf", figures_dir=tmp_path / "figs", progress=False
+    )
     assert result.pages[:2] == ["Overview", TITLES["loss"]]
     assert set(PROBE_PAGES) <= set(result.skipped)
     for title in PROBE_PAGES:
@@ -183,15 +181,30 @@ def test_losses_only_runs_leave_out_probe_and_score_pages(tmp_path):
     for title in result.skipped:
         assert title in text
 
+    # --figures: every page written as PNG and SVG, named by its position and kind.
+    figs = sorted(p.name for p in (tmp_path / "figs").iterdir())
+    assert len(figs) == 2 * len(result.pages) == len(result.figures)
+    assert figs[:2] == ["00_overview.png", "00_overview.svg"] and "01_loss.png" in figs
+    for path in result.figures:
+        if path.suffix == ".svg":
+            assert ET.parse(path).getroot().tag.endswith("svg")
+        else:
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+@pytest.mark.filterwarnings("ignore:.*too few observations")
 def test_single_run(tmp_path):
-    write_run(tmp_path / "solo", n_steps=60, probe_every=6, tags={"construction": "IMAX", "model": "m0", "seed": 0})
+    write_run(
+        tmp_path / "solo", n_steps=60, probe_every=6, tags={"construction": "IMAX", "model": "m0", "seed": 0}
+    )
     result = build_report([tmp_path / "solo"], tmp_path / "r.pdf", progress=False)
     assert result.pages == ["Overview", TITLES["loss"], *PROBE_PAGES]
     assert set(result.skipped) == {TITLES["comparison"], TITLES["correlation"], TITLES["forecast"]}
     assert "no group" in result.skipped[TITLES["comparison"]]
+    assert "too few runs" in result.skipped[TITLES["correlation"]]  # the statistics layer's own note
 
 
+@pytest.mark.filterwarnings("ignore:.*too few observations")
 def test_runs_with_different_task_sets(tmp_path):
     for i, (tasks, c) in enumerate([(("cls", "vqa", "seg"), "IMAX"), (("cls", "vqa", "det"), "DMAX")] * 2):
         tags = {"construction": c, "model": "m0", "seed": i // 2}
@@ -200,13 +213,18 @@ def test_runs_with_different_task_sets(tmp_path):
     assert ctx.tasks == ["cls", "vqa", "seg", "det"]
     pages, skipped, _ = render_pages(ctx)
     loss = next(fig for key, _, fig in pages if key == "loss")
-    assert sorted(ax.get_title() for ax in loss.axes if ax.get_visible() and ax.get_title()) == ["cls", "det", "seg", "vqa"]
+    assert sorted(ax.get_title() for ax in loss.axes if ax.get_visible() and ax.get_title()) == [
+        "cls",
+        "det",
+        "seg",
+        "vqa",
+    ]
     cos = ctx.metric("grad_cosine")
     mat = cosine_matrix(cos.groupby(["task", "task_b"], as_index=False)["value"].mean(), ctx.tasks)
     assert np.isnan(mat.loc["det", "seg"])  # no run has both
     assert not np.isnan(mat.loc["seg", "cls"]) and not np.isnan(mat.loc["det", "vqa"])
-    result = build_report([tmp_path], tmp_path / "r.pdf", progress=False)
-    assert result.pages[:6] == ["Overview", TITLES["loss"], *PROBE_PAGES]
+    result = build_report(ctx, tmp_path / "r.pdf", progress=False)  # the context's (plot-only) data
+    assert result.pages == ["Overview", TITLES["loss"], *PROBE_PAGES]
 
 
 @pytest.mark.parametrize(
@@ -225,13 +243,19 @@ def test_bad_input_gives_a_clear_error(tmp_path, kwargs, error, match):
     write_runs(tmp_path / "runs", n_models=1, n_seeds=1, n_steps=20, probe_every=None)
     (tmp_path / "empty").mkdir()
     args = {"run_dirs": [tmp_path / "runs"], "out": tmp_path / "r.pdf"}
-    args.update({k: [v.format(tmp=tmp_path) for v in val] if isinstance(val, list) else val for k, val in kwargs.items()})
+    args.update(
+        {
+            k: [v.format(tmp=tmp_path) for v in val] if isinstance(val, list) else val
+            for k, val in kwargs.items()
+        }
+    )
     if isinstance(args["out"], str):
         args["out"] = Path(args["out"].format(tmp=tmp_path))
     with pytest.raises(error, match=match):
         build_report(args.pop("run_dirs"), args.pop("out"), progress=False, **args)
 
 
+@pytest.mark.filterwarnings("ignore:.*too few observations")
 def test_progress_bar_reports_steps(tmp_path, capsys):
     write_runs(tmp_path / "runs", n_models=1, n_seeds=1, n_steps=20, probe_every=None, scores=False)
     build_report([tmp_path / "runs"], tmp_path / "r.pdf", progress=True)

@@ -51,5 +51,7 @@ def build(family: str, n: int = 8, n_tasks: int = 3, dtype: torch.dtype = torch.
 def chosen_params(model, family: str, subset: bool):
     """``(names, params)``: the family's subset, or every trainable parameter."""
     named = dict(model.named_parameters())
-    names = SUBSETS[family] if subset and SUBSETS[family] else [k for k, p in named.items() if p.requires_grad]
+    names = (
+        SUBSETS[family] if subset and SUBSETS[family] else [k for k, p in named.items() if p.requires_grad]
+    )
     return names, [named[k] for k in names]

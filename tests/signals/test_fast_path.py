@@ -77,6 +77,46 @@ def test_inplace_relu_on_a_linear_output_stays_on_the_fast_path():
         np.testing.assert_allclose(res.gram.numpy(), G @ G.T, rtol=1e-9, atol=1e-14)
 
 
+class Zoo(nn.Module):
+    """One of each layer with a closed form or factored rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1d = nn.Conv1d(D, 4, 3, stride=2, padding=1, dilation=1)
+        self.conv2d = nn.Conv2d(1, 2, (2, 3), padding=(1, 0), dilation=(1, 2), bias=False)
+        self.gn = nn.GroupNorm(2, 4)
+        self.rms = nn.RMSNorm(4, eps=1e-5)
+        self.ln = nn.LayerNorm(4, bias=False)
+        self.head = nn.Linear(4 + 2, 3)
+
+    def forward(self, x):  # x: (n, D, 8)
+        h = self.gn(self.conv1d(x))  # (n, 4, 4)
+        h = self.ln(self.rms(h.transpose(1, 2))).mean(1)  # (n, 4)
+        c = self.conv2d(x[:, :1, :].unsqueeze(1).expand(-1, 1, 3, 8)).mean((2, 3))  # (n, 2)
+        return self.head(torch.cat([h, c], 1))
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_layer_rules_match_brute_force(method):
+    torch.manual_seed(4)
+    model = Zoo().double()
+    with torch.no_grad():  # non-trivial affine parameters
+        for mod in (model.gn, model.rms, model.ln):
+            mod.weight.normal_()
+        model.gn.bias.normal_()
+    batch = {"x": torch.randn(N, D, 8, dtype=torch.float64), "labels": torch.randint(0, 3, (N,))}
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    d = [torch.randn_like(p) for p in model.parameters()]
+    res = probe(model, batch, task_ids=torch.arange(N) % 2, method=method, direction=d)
+    ex = probe(model, batch, task_ids=torch.arange(N) % 2, method="exact", direction=d)
+    np.testing.assert_allclose(res.gram.numpy(), G @ G.T, rtol=1e-9, atol=1e-12 * np.abs(G @ G.T).max())
+    np.testing.assert_allclose(res.direction_cosine.numpy(), ex.direction_cosine.numpy(), rtol=1e-9)
+    assert sorted(res.coverage["rule"]) == ["gn.bias", "gn.weight", "ln.weight", "rms.weight"]
+    assert {"conv1d.weight", "conv2d.weight"} <= set(
+        res.coverage[method if method == "ghost" else "materialized"]
+    )
+
+
 class NotBatchFirstOutput(nn.Module):
     """The root returns (classes, n): no captured call is batch-first; global exact fallback."""
 
@@ -103,7 +143,15 @@ def test_exact_fallback_when_nothing_is_batch_first():
     model.eval()
     losses = loss_fn(model, x)
     G = torch.stack(
-        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(losses[i], list(model.parameters()), retain_graph=True)]) for i in range(N)]
+        [
+            torch.cat(
+                [
+                    g.reshape(-1)
+                    for g in torch.autograd.grad(losses[i], list(model.parameters()), retain_graph=True)
+                ]
+            )
+            for i in range(N)
+        ]
     ).numpy()
     order = {id(p): k for k, p in enumerate(model.parameters())}
     assert order  # parameters enumerate in the same order as above
@@ -152,5 +200,24 @@ def test_llava_needs_no_exact_fallback():
     res = probe(model, batch, task_ids=task_ids)
     assert res.coverage["exact"] == []
     assert "model.vision_tower.embeddings.position_embedding.weight" in res.coverage["module"]
-    assert "model.vision_tower.embeddings.patch_embedding.weight" in res.coverage["module"]
-    assert "lm_head.weight" in res.coverage["ghost"] + res.coverage["materialized"]
+    factored = res.coverage["ghost"] + res.coverage["materialized"]
+    assert "model.vision_tower.embeddings.patch_embedding.weight" in factored  # Conv2d on patches
+    assert "lm_head.weight" in factored
+    assert "model.vision_tower.pre_layrnorm.weight" in res.coverage["rule"]  # nn.LayerNorm
+    assert "model.language_model.norm.weight" in res.coverage["rule"]  # Llama RMSNorm bytecode
+
+
+@pytest.mark.parametrize("family", ["llama_tied", "cnn"])
+def test_blocked_materialisation(family, monkeypatch):
+    """Per-example gradients formed in small row / column blocks give the same Gram and dots."""
+    import dynamics.signals.products as products
+
+    model, batch, task_ids, kind = build(family)
+    d = [torch.randn_like(p) for p in model.parameters()]
+    whole = probe(model, batch, task_ids=task_ids, method="materialize", direction=d)
+    monkeypatch.setattr(products, "MATERIALIZE_ELEMENTS", 50)
+    blocked = probe(model, batch, task_ids=task_ids, method="materialize", direction=d)
+    np.testing.assert_allclose(blocked.gram.numpy(), whole.gram.numpy(), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(blocked.direction_cosine.numpy(), whole.direction_cosine.numpy(), rtol=1e-10)
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), kind)
+    np.testing.assert_allclose(blocked.gram.numpy(), G @ G.T, rtol=1e-8, atol=1e-12 * np.abs(G @ G.T).max())

@@ -31,7 +31,7 @@ def test_task_loss_and_gradient_match_transformers(family):
         hf = model(**sub, use_cache=False)
         assert hf.loss is not None
         grads = torch.autograd.grad(hf.loss, params, allow_unused=True)
-        d = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        d = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
         res = probe(model, batch, task_ids=task_ids, direction=d)
         # transformers casts logits to float32 even in a float64 model: float32 accuracy here;
         # a wrong token weighting would be off by percents.

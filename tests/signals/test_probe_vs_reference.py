@@ -44,7 +44,7 @@ def test_subset_against_dense_fisher(family):
     assert G.shape[1] <= 2000  # the dense Fisher stays cheap
     assert np.abs(G).max() > 0
     ref = ref_signals(G, losses, weights, task_ids.numpy(), 3, EPS64 * G.shape[1] / G.shape[0])
-    res = probe(model, batch, task_ids=task_ids, params=dict(zip(names, params)))
+    res = probe(model, batch, task_ids=task_ids, params=dict(zip(names, params, strict=True)))
     _check_first_order(res, ref, task_ids)
     _check_spectrum(res, ref)
     assert res.coverage["exact"] == []  # every path was the fast one
@@ -95,6 +95,6 @@ def test_direction_cosine_against_explicit_vectors():
             g = (weights[members, None] / weights[members].sum() * G[members]).sum(0)
             expect = g @ d / (np.linalg.norm(g) * np.linalg.norm(d))
             assert res.direction_cosine[a].item() == pytest.approx(expect, rel=RTOL)
-    by_name = dict(zip(names, direction))
+    by_name = dict(zip(names, direction, strict=True))
     res2 = probe(model, batch, task_ids=task_ids, direction=by_name)
     np.testing.assert_allclose(res2.direction_cosine.numpy(), res.direction_cosine.numpy(), rtol=1e-10)

@@ -103,7 +103,8 @@ def test_truncation_and_small_or_bad_input():
     assert cut.metrics.groupby("run_id")["step"].max().eq(25).all()
     res = forecast(rs, fractions=(0.5,), group="model")
     assert np.isfinite(res.loc[0, "r2"]) and res.loc[0, "n_runs"] == 4  # 4 runs in 2 models: enough
-    one_model = forecast(rs.subset(["r0", "r1"]), fractions=(0.5,), group="model")
+    with pytest.warns(UserWarning, match="1 of 1 forecasts have too few observations"):
+        one_model = forecast(rs.subset(["r0", "r1"]), fractions=(0.5,), group="model")
     assert np.isnan(one_model.loc[0, "r2"]) and "too few" in one_model.loc[0, "note"]
     loo = forecast(rs, fractions=(0.5,), group=None)
     assert loo.loc[0, "n_groups"] == 4
