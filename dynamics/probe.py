@@ -127,6 +127,19 @@ class ProbeResult:
         return rows
 
 
+def _check_whole(chosen: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """Refuse sharded parameters: their local gradients are not the per-example gradients."""
+    for name, p in chosen:
+        kinds = {c.__name__ for c in type(p).__mro__}
+        if getattr(p, "_is_flat_param", False) or hasattr(p, "ds_id") or "DTensor" in kinds:
+            raise ValueError(
+                f"parameter {name!r} is sharded (FSDP / DeepSpeed ZeRO-3): per-example gradient signals "
+                "need whole parameters. Log per-task losses only under sharding, or probe the model "
+                "unsharded (single process or DDP, passing the unwrapped module)."
+            )
+    return chosen
+
+
 def _resolve_params(model: nn.Module, params: Any) -> list[tuple[str, Tensor]]:
     names: dict[int, str] = {}
     for name, p in model.named_parameters():
@@ -250,7 +263,7 @@ def probe(
     if int(task_ids.min()) < 0:
         raise ValueError("task_ids must be >= 0")
     names = _task_names(task_ids, tasks)
-    chosen = _resolve_params(model, params)
+    chosen = _check_whole(_resolve_params(model, params))
     plist = [p for _, p in chosen]
     pname = {id(p): n for n, p in chosen}
     dir_map = _resolve_direction(direction, chosen)

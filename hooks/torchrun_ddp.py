@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     callback.close()
     if trainer.is_world_process_zero():
         print(f"run store: {callback.run_dir}")
+    if torch.distributed.is_initialized():
+        # Leave together and tear the group down before exit: otherwise gloo aborts a rank at
+        # interpreter shutdown now and then (torch 2.13, with or without dynamics attached).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return callback.run_dir
 
 

@@ -175,9 +175,13 @@ def task_sums(
     Examples with no target item (``N_i = 0``, e.g. fully masked) add nothing to the loss but count
     as examples, as they do in the Trainer's batch.
     """
+    values = torch.stack(
+        [
+            loss_sum.double(),
+            count.double().to(loss_sum.device),
+            torch.ones_like(loss_sum, dtype=torch.float64),
+        ]
+    )
     out = torch.zeros(3, n_tasks, dtype=torch.float64, device=loss_sum.device)
-    idx = task_ids.to(loss_sum.device).long()
-    out[0].index_add_(0, idx, loss_sum.double())
-    out[1].index_add_(0, idx, count.double())
-    out[2].index_add_(0, idx, torch.ones_like(loss_sum, dtype=torch.float64))
+    out.index_add_(1, task_ids.to(loss_sum.device).long(), values)  # one kernel for the three sums
     return out

@@ -22,9 +22,10 @@ optimizer step ``s`` (1-based, the Trainer's ``global_step`` after the update):
 Everything the user's data can get wrong (no task ids, ids out of range, no labels, a probe that
 raises) produces one clear warning and is skipped; training never stops because of the recorder.
 
-Defaults and overhead. The probe costs about 1.5 training steps on a probe batch the size of a
-training batch (one forward plus one backward, and an n x n eigen-decomposition). Probing every
-50 steps adds 1.5 / 50 = 3 % to the wall time; per-step losses (a log-softmax over the logits of
+Defaults and overhead. The probe costs 1.2 to 2.4 training steps on a probe batch the size of a
+training step's batch (one forward and one backward with captured layer inputs, the Gram products,
+an n x n eigen-decomposition; measured on the benchmark VLM). Probing every 100 steps adds at
+most 2.4 % to the wall time; per-step losses (a log-softmax over the logits of
 the supervised positions, which already exist, a device-side index_add, one small collective every
 ``sync_every`` steps) stay under 2 %, which keeps the total within the 5 % budget. ``benchmarks/bench_overhead.py`` measures both.
 """
@@ -56,9 +57,10 @@ from dynamics.store.schema import tb_tag
 
 __all__ = ["DEFAULT_PROBE_EVERY", "DEFAULT_PROBE_SIZE", "DynamicsWarning", "Recorder"]
 
-# Probe every 50 optimizer steps: at ~1.5 training steps per probe this is ~3 % overhead, which
-# with <= 2 % for the per-step losses keeps the total under the 5 % target (see module docstring).
-DEFAULT_PROBE_EVERY = 50
+# Probe every 100 optimizer steps: a probe of 32 examples costs 1.2-2.4 training steps of 32
+# examples (benchmarks/bench_overhead.py), so <= 2.4 % overhead, which with <= 2 % for the per-step
+# losses keeps the total under the 5 % target (see module docstring).
+DEFAULT_PROBE_EVERY = 100
 # 32 examples: enough for a stable n x n Gram spectrum and >= 4 examples per task for up to 8
 # tasks, while one probe stays about the cost of one or two training steps of a typical batch.
 DEFAULT_PROBE_SIZE = 32
@@ -151,7 +153,6 @@ class Recorder:
         self._probe_task_ids: torch.Tensor | None = None
         self._probe_off: str | None = None if self.probe_every else "probe_every=0"
         self._snapshot: tuple[int, list[torch.Tensor]] | None = None
-        self.last_step: int | None = None
         self.problems: dict[str, int] = {}
         self._scores: dict[str, dict[str, float]] = {}
 
@@ -173,10 +174,9 @@ class Recorder:
         self.model = model
         self._hook = TaskIdHook(model, self.observe)
         reason = sharded or dist_utils.sharding_reason(model)
-        if reason and self._probe_off is None:
-            self._probe_off = reason
-            self._warn(
-                "sharded",
+        if reason:
+            self.disable_probes(
+                reason,
                 f"dynamics: probes are off because {reason}: each rank holds only a shard of every parameter, "
                 "so per-example gradients, their Gram matrix, norms and cosines would be computed on shards and "
                 "be wrong. Per-task losses are still recorded (they need no gradients). To probe, train with "
@@ -190,15 +190,9 @@ class Recorder:
 
     def set_probe_batch(self, batch: Mapping[str, Any], task_ids: Any = None) -> None:
         """Hold ``batch`` (model kwargs) as the probe batch; ``task_ids`` default to ``batch['task_ids']``."""
-        if task_ids is None:
-            batch, task_ids = split_task_ids(batch, n_tasks=self.n_tasks)
-        else:
-            batch = {k: v for k, v in batch.items() if k != TASK_IDS_KEY}
-            task_ids = torch.as_tensor(task_ids).reshape(-1).long()
-            if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= self.n_tasks):
-                raise ValueError(
-                    f"probe task ids must lie in 0..{self.n_tasks - 1}, got {sorted(set(task_ids.tolist()))}"
-                )
+        if task_ids is not None:
+            batch = {**batch, TASK_IDS_KEY: task_ids}
+        batch, task_ids = split_task_ids(batch, n_tasks=self.n_tasks)
         self._probe_batch = dict(batch)
         self._probe_task_ids = task_ids
 
@@ -253,7 +247,8 @@ class Recorder:
         return self._writer_or_none()
 
     # ------------------------------------------------------------------ warnings
-    def _warn(self, key: str, message: str) -> None:
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn (:class:`DynamicsWarning`) the first time ``key`` happens; count every time in ``problems``."""
         self.problems[key] = self.problems.get(key, 0) + 1
         if key in self._warned:
             return
@@ -267,7 +262,7 @@ class Recorder:
         """Consumer of the forward hook: one training forward's ids, kwargs and output."""
         try:
             if task_ids is None:
-                self._warn(
+                self.warn_once(
                     "no_task_ids",
                     "dynamics: a training batch has no 'task_ids', so its per-task losses are not recorded "
                     "(training continues). Put one task index per example under batch['task_ids']; with the HF "
@@ -276,7 +271,7 @@ class Recorder:
                 return
             labels = kwargs.get("labels")
             if labels is None:
-                self._warn(
+                self.warn_once(
                     "no_labels",
                     "dynamics: a training forward got no 'labels' keyword, so per-task losses cannot be computed "
                     "for it (training continues). Pass labels to the model, or call observe(logits, labels, "
@@ -285,7 +280,7 @@ class Recorder:
                 return
             logits = extract_logits(output)
             if logits is None:
-                self._warn(
+                self.warn_once(
                     "no_logits",
                     f"dynamics: the model returned no logits ({type(output).__name__}), so per-task losses cannot "
                     "be computed (training continues). Return .logits, or call observe(logits, labels, task_ids).",
@@ -293,7 +288,7 @@ class Recorder:
                 return
             self.observe_logits(logits, labels, task_ids, shift_labels=kwargs.get("shift_labels"))
         except Exception as err:  # the recorder must never stop training
-            self._warn(
+            self.warn_once(
                 f"observe:{type(err).__name__}",
                 f"dynamics: per-task loss skipped for a batch ({type(err).__name__}: {err}); training continues.",
             )
@@ -361,7 +356,6 @@ class Recorder:
                 3, self.n_tasks + 1, dtype=torch.float64, device=dist_utils.reduce_device(self._device)
             )
         self._pending.append((int(step), acc, lr))
-        self.last_step = int(step)
         if len(self._pending) >= self.sync_every:
             self.sync()
 
@@ -376,7 +370,7 @@ class Recorder:
         dropped = totals[:, _EXAMPLES, self.n_tasks]
         if dropped.any() and dist_utils.is_main_process():  # totals are global: one rank says it
             first = pending[int(np.flatnonzero(dropped)[0])][0]
-            self._warn(
+            self.warn_once(
                 "task_id_range",
                 f"dynamics: {int(dropped.sum())} training examples (the first at step {first}) have task ids outside "
                 f"the declared tasks {self.tasks} (valid ids 0..{self.n_tasks - 1}); they are left out of the "
@@ -482,11 +476,16 @@ class Recorder:
             for p, a in zip(params, after, strict=True):
                 p.data = a  # the very tensors the optimizer wrote: training is untouched
 
+    def disable_probes(self, reason: str, message: str) -> None:
+        """Turn probes off for the rest of the run and say why, once."""
+        if self._probe_off is None:
+            self._probe_off = reason
+            self.warn_once(f"probes_off:{reason}", message)
+
     def _ensure_probe_batch(self) -> bool:
         if self._probe_batch is None:
-            self._probe_off = "no probe batch"
-            self._warn(
-                "no_probe_batch",
+            self.disable_probes(
+                "no probe batch",
                 "dynamics: probes are off: there is no probe batch. Pass probe_batch= (a collated batch holding "
                 "task_ids) or probe_dataset= (a map-style dataset of dicts with task_ids); per-task losses are "
                 "still recorded.",
@@ -514,8 +513,9 @@ class Recorder:
             # submodule ``dynamics.probe`` first, which shadows it.
             probe = dynamics.probe if callable(dynamics.probe) else dynamics.probe.probe
         except (ImportError, AttributeError) as err:
-            self._probe_off = "dynamics.probe unavailable"
-            self._warn("probe_import", f"dynamics: probes are off: cannot import dynamics.probe ({err}).")
+            self.disable_probes(
+                "no dynamics.probe", f"dynamics: probes are off: cannot import dynamics.probe ({err})."
+            )
             return
         model = self.model
         assert self._hook is not None and self._probe_batch is not None and self._probe_task_ids is not None
@@ -537,10 +537,9 @@ class Recorder:
                 (s, "probe_loss" if n == "loss" else n, a, b, v) for s, n, a, b, v in result.to_rows(step)
             ]
         except Exception as err:  # the recorder must never stop training
-            self._probe_off = f"the probe raised {type(err).__name__}"
             where = traceback.extract_tb(err.__traceback__)[-1]
-            self._warn(
-                "probe_failed",
+            self.disable_probes(
+                f"the probe raised {type(err).__name__}",
                 f"dynamics: the probe at step {step} raised {type(err).__name__} ({Path(where.filename).name}:"
                 f"{where.lineno}): {err}. Probes are off for the "
                 "rest of this run; per-task losses are still recorded and nothing logged so far is lost. Restrict "

@@ -121,6 +121,11 @@ def _comparison_findings(ctx: ReportContext) -> list[str]:
         )
         if not others.empty:
             out.append("Strongest other difference: " + comparison_sentence(others.iloc[0]))
+    elif not signals.empty and signals["p_value"].isna().all():
+        out.append(
+            f"No {ctx.group} comparison could be tested ({n_tested} features): "
+            f"{_most_common_note(signals) or 'no p-values'}."
+        )
     elif not signals.empty:
         top = signals.iloc[0]
         out.append(
@@ -128,6 +133,12 @@ def _comparison_findings(ctx: ReportContext) -> list[str]:
             f"({n_tested} tested; smallest p_holm = {fmt_p(top['p_holm'])}, {top['feature']})."
         )
     return out
+
+
+def _most_common_note(frame: pd.DataFrame) -> str | None:
+    notes = frame["note"].fillna("").astype(str) if "note" in frame else pd.Series(dtype=str)
+    notes = notes[notes != ""]
+    return str(notes.value_counts().index[0]) if len(notes) else None
 
 
 def _correlation_findings(ctx: ReportContext) -> list[str]:
@@ -153,6 +164,6 @@ def findings(ctx: ReportContext) -> list[str]:
         out += _comparison_findings(ctx)
     if ctx.correlation.ok:
         out += _correlation_findings(ctx)
-    if ctx.forecast.ok:
+    if ctx.forecast.ok and ctx.forecast.frame["mae"].notna().any():
         out.append(forecast_sentence(ctx.forecast.frame, ctx.target))
     return out

@@ -92,7 +92,16 @@ def setup_lines(ctx: ReportContext) -> list[str]:
 
 
 def _wrapped_block(
-    fig: Figure, x: float, y: float, items: list[str], *, width: int, size: float, bullet: str, color: str
+    fig: Figure,
+    x: float,
+    y: float,
+    items: list[str],
+    *,
+    width: int,
+    size: float,
+    bullet: str,
+    color: str,
+    gap: float = 0.45,
 ) -> float:
     """Draw wrapped items from (x, y) downwards; returns the y below the block."""
     line_h = size * 1.45 / 72 / PAGE_SIZE[1]
@@ -104,17 +113,17 @@ def _wrapped_block(
                 x, y, prefix + line, fontsize=size, color=color, ha="left", va="top", family="DejaVu Sans"
             )
             y -= line_h
-        y -= line_h * 0.45
+        y -= line_h * gap
     return y
 
 
 def _fit(
-    items: list[str], height: float, width_in: float, size: float, min_size: float = 7.5
+    items: list[str], height: float, width_in: float, size: float, min_size: float = 7.5, gap: float = 0.45
 ) -> tuple[float, int]:
     """The largest font size (<= size) at which wrapped ``items`` fit into ``height`` (figure fraction)."""
     while True:
         width = int(width_in * 72 / (size * 0.55))
-        lines = sum(len(textwrap.wrap(t, width=width)) + 0.45 for t in items)
+        lines = sum(len(textwrap.wrap(t, width=width)) + gap for t in items)
         needed = lines * size * 1.45 / 72 / PAGE_SIZE[1]
         if needed <= height or size <= min_size:
             return size, width
@@ -150,22 +159,24 @@ def build_overview(
     y = 0.80 - height - 0.04
     fig.text(0.03, y, "Setup", fontsize=14, fontweight="bold", va="top")
     setup = setup_lines(ctx)
-    size, width = _fit(setup, y - 0.20, 5.0, 10)
+    size, width = _fit(setup, y - 0.25, 5.0, 10)
     _wrapped_block(fig, 0.03, y - 0.045, setup, width=width, size=size, bullet="", color="#222222")
 
     # Right column: key findings.
     fig.text(0.50, 0.85, "Key findings", fontsize=14, fontweight="bold", va="top")
     items = findings or ["No statistical findings: see the notes below for why."]
-    size, width = _fit(items, 0.62, 5.6, 11)
+    size, width = _fit(items, 0.59, 5.6, 11)
     _wrapped_block(fig, 0.50, 0.80, items, width=width, size=size, bullet="• ", color="#111111")
 
     # Bottom band: what was left out and why.
     if skipped:
-        fig.add_artist(_rule(fig, 0.155))
+        fig.add_artist(_rule(fig, 0.19))
         notes = [f"{page}: {reason}" for page, reason in skipped.items()]
-        size, width = _fit(notes, 0.11, 10.8, 8.5, min_size=6)
-        fig.text(0.03, 0.145, "Pages left out", fontsize=10, fontweight="bold", va="top", color="#666666")
-        _wrapped_block(fig, 0.03, 0.12, notes, width=width, size=size, bullet="– ", color="#666666")
+        size, width = _fit(notes, 0.15, 10.8, 9, min_size=6, gap=0.15)
+        fig.text(0.03, 0.18, "Pages left out", fontsize=10, fontweight="bold", va="top", color="#666666")
+        _wrapped_block(
+            fig, 0.03, 0.155, notes, width=width, size=size, bullet="– ", color="#666666", gap=0.15
+        )
     return fig
 
 

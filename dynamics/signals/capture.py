@@ -9,12 +9,14 @@ output, e.g. ``ReLU(inplace=True)``, cannot redirect its gradient). One backward
 
 Which path computes ``g_i(p)`` for a chosen parameter ``p`` (:func:`plan`):
 
-1. ``factored``: every live call that uses ``p`` is a stock ``nn.Linear`` / ``nn.Embedding`` call on a
-   batch-first input; ``g_i`` is a sum over tokens of outer products (see :mod:`.gram`);
-2. ``module``: otherwise, the innermost captured module (the owner itself for norms, convolutions,
+1. ``factored``: every live call that uses ``p`` is a stock ``nn.Linear`` / ``nn.Embedding`` /
+   ``nn.Conv1d/2d`` call on a batch-first input; ``g_i`` is a sum over tokens (positions) of outer
+   products (see :mod:`.products`);
+2. ``module``: otherwise, the innermost captured module (the owner itself for norms,
    ``class_embedding`` and the like, or an ancestor, e.g. for an embedding applied to broadcast
    position ids) whose calls are batch-first and contain every use of ``p``; per-example gradients
-   come from a vector-Jacobian product of that module alone (:mod:`.module_grads`);
+   come from a closed form for normalisation layers (:mod:`.layer_rules`) or a vector-Jacobian
+   product of that module alone (:mod:`.module_grads`);
 3. ``exact``: per-example autograd through the whole model (:mod:`.gram_exact`).
 
 "Every use of ``p``" is checked on the autograd graph, not assumed: the number of graph edges into

@@ -4,7 +4,7 @@
 takes the per-example losses of ONE forward pass that ran inside a :class:`~.capture.Capture`, and
 
 * ``method="auto"`` (fast path): one backward pass of ``sum_i l_i`` to the captured layer outputs;
-  Linear/Embedding weights by ghost products or materialised per-example gradients, whichever is
+  Linear/Embedding/Conv weights by ghost products or materialised per-example gradients, whichever is
   cheaper per parameter (:mod:`.products`); normalisation layers by closed forms
   (:mod:`.layer_rules`); other parameters by module-local vector-Jacobian products
   (:mod:`.module_grads`); parameters the fast path cannot prove it covers by exact

@@ -51,13 +51,3 @@ def per_example_grads(losses: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
         torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) if g is None else g.detach()
         for g, p in zip(grads, params, strict=True)
     ]
-
-
-def gram_from_grads(grads: Sequence[Tensor], n: int) -> Tensor:
-    """``K = sum_p G_p G_p^T`` in float64 from per-example gradients ``G_p`` of shape (n, ...)."""
-    device = grads[0].device if grads else "cpu"
-    k = torch.zeros(n, n, dtype=torch.float64, device=device)
-    for g in grads:
-        flat = g.reshape(n, -1).to(torch.float64)
-        k += flat @ flat.T
-    return k

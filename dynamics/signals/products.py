@@ -15,13 +15,13 @@ per-example gradient is their sum. Two ways to get its block of ``K``:
   where a one-hot factor turns an inner product into a lookup (``<e_u, a> = a[u]``) or a token
   equality test (``<e_u, e_v> = [u = v]``). Tokens whose factor row is zero (padding, positions
   without a label) are dropped first. Cost ~ ``M^2 (d_a + d_b)`` for ``M`` kept tokens;
-* materialised ``g_i`` (``bmm`` or ``index_add``) and ``K += G G^T``; cost ~ ``n T d_a d_b + n^2 d_a d_b``,
-  memory ``n d_a d_b``.
+* materialised ``g_i`` (``bmm`` or ``index_add``) and ``K += G G^T``; cost ~ ``n T d_a d_b + n^2 d_a d_b``.
+  They are formed in blocks of rows (or columns) of the weight, and ``K`` is the sum of the
+  blocks' Grams, so memory stays bounded (``MATERIALIZE_ELEMENTS``) whatever the layer size.
 
-``method="auto"`` takes the cheaper by this operation count. Materialised gradients are formed in
-blocks of rows (or columns) of the weight, so their memory stays bounded whatever the layer size. Per-example gradients of any other kind (bias sums, module-local
-or exact autograd gradients) are added as dense ``(n, ...)`` blocks. Products run in the parameter
-dtype promoted to at least float32; ``K`` is accumulated in float64.
+``method="auto"`` takes the cheaper by this operation count. Per-example gradients of any other
+kind (bias sums, module-local or exact autograd gradients) are added as dense ``(n, ...)`` blocks.
+Products run in the parameter dtype promoted to at least float32; ``K`` is accumulated in float64.
 
 The dot product of each ``g_i`` with a direction ``D`` (same shape as the parameter) is computed from
 the same factors: ``<g_i, D> = sum_t <a_it, D b_it>`` (``D[u_it] . b_it`` for one-hot ``a``).
@@ -169,10 +169,10 @@ class GramBuilder:
         self._note_dtype(dtype)
         flat = grads.reshape(self.n, -1).to(dtype)
         if direction is not None:
-            self.dots += (flat @ direction.reshape(-1).to(dtype)).double()
+            self.dots += (flat @ direction.reshape(-1).to(flat.device, dtype)).double().to(self.device)
             self.has_dots = True
         if flat.shape[1] >= DIRECT_GRAM:
-            self.K += (flat @ flat.T).double()
+            self.K += (flat @ flat.T).double().to(self.device)
             return
         self._pending.append(flat)
         self._pending_size += flat.numel()
@@ -186,8 +186,12 @@ class GramBuilder:
         for g in self._pending:
             by_dtype.setdefault(g.dtype, []).append(g)
         for blocks in by_dtype.values():
-            g = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]
-            self.K += (g @ g.T).double()
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for g in blocks:  # a model split over devices keeps its gradients where they are
+                by_device.setdefault(g.device, []).append(g)
+            for group in by_device.values():
+                g = torch.cat(group, 1) if len(group) > 1 else group[0]
+                self.K += (g @ g.T).double().to(self.device)
         self._pending, self._pending_size = [], 0
 
     def add_factored(
@@ -245,13 +249,13 @@ class GramBuilder:
         parts = [_prune(f, dtype, None if masks is None else masks[k]) for k, f in enumerate(factors)]
         self.K += self._ghost(parts, [f.a_index for f in factors], dtype)
         if direction is not None:
-            d = direction.to(dtype).reshape(d_a, -1)
             for (a, b, seg), f in zip(parts, factors, strict=True):
+                d = direction.to(b.device, dtype).reshape(d_a, -1)
                 if f.a_index:
                     per_row = (d[a] * b).sum(1)
                 else:
                     per_row = ((b @ d.T) * a).sum(1)
-                self.dots.index_add_(0, seg, per_row.double())
+                self.dots.index_add_(0, seg.to(self.device), per_row.double().to(self.device))
             self.has_dots = True
 
     def _add_materialized(
@@ -309,13 +313,14 @@ class GramBuilder:
                 if m1 == 0 or m2 == 0:
                     continue
                 rows = max(1, CHUNK_ELEMENTS // m2)
-                block = torch.zeros(n, n, dtype=dtype, device=self.device)
+                dev = b1.device
+                block = torch.zeros(n, n, dtype=dtype, device=dev)
                 for r0 in range(0, m1, rows):
                     r1 = min(m1, r0 + rows)
                     prod = _inner(a1[r0:r1], is_index[c1], a2, is_index[c2], dtype) * (b1[r0:r1] @ b2.T)
-                    q = torch.zeros(r1 - r0, n, dtype=dtype, device=self.device).index_add_(1, s2, prod)
+                    q = torch.zeros(r1 - r0, n, dtype=dtype, device=dev).index_add_(1, s2, prod)
                     block.index_add_(0, s1[r0:r1], q)
-                block = block.double()
+                block = block.double().to(self.device)
                 K += block if c1 == c2 else block + block.T
         return K
 

@@ -32,7 +32,6 @@ SUBSETS = {
         "model.multi_modal_projector.linear_1.bias",
         "model.language_model.layers.0.post_attention_layernorm.weight",
         "model.language_model.norm.weight",
-        "model.language_model.layers.1.self_attn.k_proj.weight",
     ],
 }
 

@@ -126,3 +126,10 @@ def test_tuple_batch_and_loss_errors():
     with pytest.raises(ValueError, match="requires_grad=False"):
         model.head.bias.requires_grad_(False)
         probe(model, batch, task_ids=task_ids, params=[model.head.bias])
+
+
+def test_sharded_parameters_are_refused():
+    model, batch, task_ids, _ = build("mlp")
+    model.head.weight._is_flat_param = True  # what FSDP's flat parameters carry
+    with pytest.raises(ValueError, match="sharded"):
+        probe(model, batch, task_ids=task_ids)

@@ -6,7 +6,7 @@ vision-language model can learn the format quickly and the evaluation reads answ
 ==============  ==========================================  =====================================
 task            instruction (one of a few paraphrases)      answer
 ==============  ==========================================  =====================================
-calculation     "what is the cardiothoracic ratio ?"        "0.47"   (CTR rounded to 0.01)
+calculation     "what is the cardiothoracic ratio ?"        "0.48"   (CTR rounded to 0.02)
 report          "write the findings ."                      "heart enlarged . right effusion .
                                                               no nodule . opacity left upper .
                                                               mild edema ."
@@ -72,8 +72,12 @@ VQA_QUESTIONS: dict[str, tuple[str, ...]] = {
 }
 ANATOMY = ("heart", "right lung", "left lung")
 
+# CTR answers on a 0.02 grid (quantisation error <= 0.01): 13 ordinal tokens a tiny model can tell
+# apart; a finer grid mostly adds classes that differ by less than a pixel of heart width.
+CTR_STEP = 0.02
 CTR_TOKENS = tuple(
-    f"{v / 100:.2f}" for v in range(int(round(CTR_RANGE[0] * 100)), int(round(CTR_RANGE[1] * 100)) + 1)
+    f"{v * CTR_STEP:.2f}"
+    for v in range(int(round(CTR_RANGE[0] / CTR_STEP)), int(round(CTR_RANGE[1] / CTR_STEP)) + 1)
 )
 
 
@@ -116,8 +120,8 @@ class Candidate:
 
 # ----------------------------------------------------------------------------- answers
 def ctr_answer(ctr: float) -> str:
-    """CTR as a vocabulary token (two decimals, clipped to the sampled range)."""
-    v = min(max(round(ctr, 2), CTR_RANGE[0]), CTR_RANGE[1])
+    """CTR as a vocabulary token: nearest multiple of CTR_STEP, clipped to the sampled range."""
+    v = min(max(round(ctr / CTR_STEP) * CTR_STEP, CTR_RANGE[0]), CTR_RANGE[1])
     return f"{v:.2f}"
 
 

@@ -317,6 +317,15 @@ class Gemma3(Arch):
     def image_token_ids(self, tok):
         return _ids(tok, tk.IMAGE_START) + _ids(tok, tk.IMAGE) * self.n_image_tokens + _ids(tok, tk.IMAGE_END)
 
+    def build(self, tok, seed=0):
+        model = super().build(tok, seed)
+        # Gemma 3 zero-initialises its image projection (it is always loaded pretrained), which
+        # leaves a from-scratch image pathway dead at step 0; use the config's normal init instead.
+        proj = model.model.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            proj.normal_(0.0, model.config.text_config.initializer_range)
+        return model
+
     def token_inputs(self, input_ids, prefix_mask, tok):
         # Gemma 3 attends bidirectionally within an image: token type 1 marks image tokens.
         return {"token_type_ids": (input_ids == _ids(tok, tk.IMAGE)[0]).long()}
