@@ -22,8 +22,8 @@ _LAZY = {
     "RunWriter": "dynamics.store.writer",
     "load_runs": "dynamics.store.reader",
     "RunSet": "dynamics.store.reader",
-    "probe": "dynamics.probe",
-    "ProbeResult": "dynamics.probe",
+    "probe": "dynamics.probing",
+    "ProbeResult": "dynamics.probing",
     "attach": "dynamics.integrations.hf",
     "DynamicsCallback": "dynamics.integrations.hf",
     "LoopRecorder": "dynamics.integrations.loop",
@@ -34,7 +34,7 @@ __all__ = ["__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover
     from dynamics.integrations.hf import DynamicsCallback, attach
     from dynamics.integrations.loop import LoopRecorder
-    from dynamics.probe import ProbeResult, probe
+    from dynamics.probing import ProbeResult, probe
     from dynamics.store.reader import RunSet, load_runs
     from dynamics.store.writer import RunWriter
 

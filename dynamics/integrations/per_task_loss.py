@@ -16,7 +16,10 @@ Because transformers' ``ForCausalLMLoss`` divides the summed token losses of the
 ``num_items_in_batch = sum_i N_i`` (under gradient accumulation and, with
 ``average_tokens_across_devices``, across ranks), the token-weighted mean of the per-task losses,
 ``sum_a (N_a / N) L_a = sum_i S_i / N``, is exactly the loss the Trainer logs for that step.
-Logits are upcast to float32 as transformers does, so the two agree to float rounding.
+Logits are upcast to float32 as transformers does, so the two agree to float rounding. (A model
+whose ``forward`` takes no ``**kwargs`` gets no ``num_items_in_batch``; the Trainer then logs the
+mean of the micro-batch means, which differs from the token-weighted mean under gradient
+accumulation with unequal token counts; the per-task losses here stay token-weighted.)
 
 Kinds (``loss=``):
     ``causal_lm``       token CE, labels shifted by one (decoder-only LMs, LLaVA-style VLMs);

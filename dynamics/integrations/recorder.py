@@ -65,6 +65,9 @@ DEFAULT_PROBE_EVERY = 100
 # tasks, while one probe stays about the cost of one or two training steps of a typical batch.
 DEFAULT_PROBE_SIZE = 32
 DEFAULT_SYNC_EVERY = 16
+# A probe can fail for a passing reason (an odd batch, memory pressure); one that fails this many
+# times in a row fails for a lasting one (an unsupported layer), and retrying only costs time.
+MAX_PROBE_FAILURES = 3
 
 _LOSS, _TOKENS, _EXAMPLES = 0, 1, 2
 
@@ -152,6 +155,7 @@ class Recorder:
         self._probe_batch: dict[str, Any] | None = None
         self._probe_task_ids: torch.Tensor | None = None
         self._probe_off: str | None = None if self.probe_every else "probe_every=0"
+        self._probe_failures = 0  # consecutive
         self._snapshot: tuple[int, list[torch.Tensor]] | None = None
         self.problems: dict[str, int] = {}
         self._scores: dict[str, dict[str, float]] = {}
@@ -494,29 +498,20 @@ class Recorder:
         return True
 
     def run_probe(self, step: int, direction: Sequence[torch.Tensor] | None = None) -> None:
-        """Probe the held batch now and record its rows; a failure is reported once and turns probes off.
+        """Probe the held batch now and record its rows; a failed probe is reported and skipped.
 
         :func:`dynamics.probe` runs the model in eval mode (no dropout noise in the gradients, no
         batch-norm statistics update) inside a forked RNG and restores every module's mode, and it
         never touches ``p.grad``: training afterwards is the same as without the probe. Our hook
         is paused so the probe's forwards do not count as training batches.
 
-        The probe's per-task loss on the probe batch is stored as ``probe_loss``: ``loss`` is the
-        training loss of the step's own batches.
+        The probe's per-task loss on the probe batch is stored by the probe as ``probe_loss``;
+        ``loss`` is the training loss of the step's own batches.
         """
         if self._probe_off is not None or self.model is None or not self._ensure_probe_batch():
             return
-        try:
-            import dynamics
+        from dynamics.probing import probe
 
-            # The package's lazy attribute is the function; a module here means someone imported the
-            # submodule ``dynamics.probe`` first, which shadows it.
-            probe = dynamics.probe if callable(dynamics.probe) else dynamics.probe.probe
-        except (ImportError, AttributeError) as err:
-            self.disable_probes(
-                "no dynamics.probe", f"dynamics: probes are off: cannot import dynamics.probe ({err})."
-            )
-            return
         model = self.model
         assert self._hook is not None and self._probe_batch is not None and self._probe_task_ids is not None
         self._hook.paused = True
@@ -533,18 +528,28 @@ class Recorder:
                 direction=direction,
                 **self.probe_kwargs,
             )
-            rows = [
-                (s, "probe_loss" if n == "loss" else n, a, b, v) for s, n, a, b, v in result.to_rows(step)
-            ]
+            rows = result.to_rows(step)
+            self._probe_failures = 0
         except Exception as err:  # the recorder must never stop training
             where = traceback.extract_tb(err.__traceback__)[-1]
-            self.disable_probes(
-                f"the probe raised {type(err).__name__}",
+            self._probe_failures += 1
+            what = (
                 f"dynamics: the probe at step {step} raised {type(err).__name__} ({Path(where.filename).name}:"
-                f"{where.lineno}): {err}. Probes are off for the "
-                "rest of this run; per-task losses are still recorded and nothing logged so far is lost. Restrict "
-                "the probe to supported parameters (probe_kwargs={'params': ...}) or set probe_every=0.",
+                f"{where.lineno}): {err}."
             )
+            if self._probe_failures >= MAX_PROBE_FAILURES:
+                self.disable_probes(
+                    f"the probe raised {type(err).__name__}",
+                    f"{what} That is {self._probe_failures} failed probes in a row, so probes are off for the "
+                    "rest of this run; per-task losses are still recorded and nothing logged so far is lost. "
+                    "Restrict the probe to supported parameters (probe_kwargs={'params': ...}) or set probe_every=0.",
+                )
+            else:
+                self.warn_once(
+                    f"probe_failed:{type(err).__name__}",
+                    f"{what} This probe is skipped and the next one is tried; training goes on and nothing "
+                    f"logged so far is lost (after {MAX_PROBE_FAILURES} failures in a row probes are switched off).",
+                )
             return
         finally:
             self._hook.paused = False

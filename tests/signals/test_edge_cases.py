@@ -34,7 +34,7 @@ def test_task_with_one_example_and_absent_task():
     rows = res.to_rows(5)
     assert all("d" not in (r[2], r[3]) for r in rows)
     assert all(math.isfinite(r[4]) for r in rows)
-    assert {r[1] for r in rows if r[2] == "c"} == {"loss", "grad_norm"}
+    assert {r[1] for r in rows if r[2] == "c"} == {"probe_loss", "grad_norm"}
     assert {(r[2], r[3]) for r in rows if r[1] == "grad_cosine"} == {("a", "b"), ("a", "c"), ("b", "c")}
 
 
@@ -77,7 +77,7 @@ def test_all_zero_gradients():
     assert (res.task_grad_norm == 0).all() and torch.isnan(res.task_cosine).all()
     assert math.isnan(res.conflict_rate)
     rows = res.to_rows(1)
-    assert {r[1] for r in rows} == {"loss", "grad_norm", "fisher_trace"}
+    assert {r[1] for r in rows} == {"probe_loss", "grad_norm", "fisher_trace"}
 
 
 def test_rows_match_result():
@@ -92,7 +92,7 @@ def test_rows_match_result():
     assert ("grad_cosine", "z", "x") not in by
     assert by[("update_cosine", "y", "")] == pytest.approx(res.direction_cosine[1].item())
     assert by[("fisher_rho", "", "")] == pytest.approx(res.fisher_rho)
-    assert by[("loss", "z", "")] == pytest.approx(res.task_loss[2].item())
-    expected = {"loss", "grad_norm", "update_cosine", "grad_cosine", "conflict_rate", "fisher_se"}
+    assert by[("probe_loss", "z", "")] == pytest.approx(res.task_loss[2].item())
+    expected = {"probe_loss", "grad_norm", "update_cosine", "grad_cosine", "conflict_rate", "fisher_se"}
     expected |= {"fisher_rho", "fisher_eff_rank", "fisher_trace", "noise_scale"}
     assert {r[1] for r in rows} == expected

@@ -39,7 +39,7 @@ class EntryDataset(Dataset):
     """Entries of a construction with their image pixels, pre-tokenised once.
 
     ``__getitem__`` returns ``{"image": (H, W) float tensor, "prompt": ids, "answer": ids,
-    "task_id": int, "index": int}``.
+    "task_ids": int (index into TASK_NAMES), "index": int}``.
     """
 
     def __init__(self, construction: Construction, tok: PreTrainedTokenizerBase, entries: Sequence[Entry] | None = None):
@@ -58,7 +58,7 @@ class EntryDataset(Dataset):
             "image": self.pixels[e.image_id],
             "prompt": self._prompt[i],
             "answer": self._answer[i],
-            "task_id": TASK_NAMES.index(e.task),
+            "task_ids": TASK_NAMES.index(e.task),
             "index": i,
         }
 
@@ -109,5 +109,5 @@ class VLMCollator:
         batch.update(self.arch.pixel_inputs(torch.stack([ex["image"] for ex in examples])))
         batch.update(self.arch.token_inputs(input_ids, prefix_mask, tok))
         if self.emit_task_ids:
-            batch["task_ids"] = torch.tensor([ex["task_id"] for ex in examples], dtype=torch.long)
+            batch["task_ids"] = torch.tensor([ex["task_ids"] for ex in examples], dtype=torch.long)
         return batch

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from dynamics.experiments.imax_dmax.constructions import DataBundle
 from dynamics.experiments.imax_dmax.data import EntryDataset, VLMCollator
@@ -127,6 +127,7 @@ def train_run(
         remove_unused_columns=False,  # our examples are raw dicts; the collator builds model inputs
     )
     trainer = Trainer(model=net, args=args, train_dataset=train_set, data_collator=VLMCollator(arch, tok))
+    trainer.remove_callback(PrinterCallback)  # the pipeline shows one progress bar, not log dicts
     cb = _attach_hooks(trainer, run_dir, tags, cfg)
     if cb is None:  # no hook strips task_ids before the forward: do not emit them
         trainer.data_collator = VLMCollator(arch, tok, emit_task_ids=False)
@@ -155,9 +156,10 @@ def _record(cb, run_dir: Path, tags: dict, scores: dict, timing: dict, net, cfg:
     }
     if cb is not None:
         cb.record_scores(scores)
-        writer = getattr(cb, "writer", None)
-        if writer is not None and hasattr(writer, "set_meta"):
+        writer = getattr(getattr(cb, "recorder", None), "writer", None)
+        if writer is not None:
             writer.set_meta(imax_dmax=meta)
+        cb.close()  # flush the store and take the hooks off the model
         return
     # Without the hooks the scores still go to a run store, so the pipeline reads runs one way.
     from dynamics import RunWriter

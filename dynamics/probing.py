@@ -91,7 +91,7 @@ class ProbeResult:
     def to_rows(self, step: int) -> list[Row]:
         """Tidy ``(step, name, task, task_b, value)`` rows for the run store.
 
-        Per task: ``loss``, ``grad_norm``, ``update_cosine`` (with a direction); per task pair
+        Per task: ``probe_loss`` (the probe batch's task loss; ``loss`` is the training loss the hooks log), ``grad_norm``, ``update_cosine`` (with a direction); per task pair
         ``a < b``: ``grad_cosine``; global (task ""): ``conflict_rate``, ``fisher_se``, ``fisher_rho``,
         ``fisher_eff_rank``, ``fisher_trace``, ``noise_scale``, ``hessian_top``. Missing tasks and
         undefined (NaN) values give no row.
@@ -110,7 +110,7 @@ class ProbeResult:
         for a, task in enumerate(names):
             if task in self.missing_tasks:
                 continue
-            add("loss", self.task_loss[a], task)
+            add("probe_loss", self.task_loss[a], task)
             add("grad_norm", self.task_grad_norm[a], task)
             if self.direction_cosine is not None:
                 add("update_cosine", self.direction_cosine[a], task)
