@@ -67,7 +67,7 @@ def _extreme(rng: np.random.Generator, k: int) -> SourceStyle:
         offset=float(rng.uniform(-0.08, 0.12)),
         noise=float(rng.uniform(0.02, 0.08)),
         blur=float(rng.uniform(0.0, 1.1)),
-        zoom=float(rng.uniform(0.82, 1.12)),
+        zoom=float(rng.uniform(0.9, 1.08)),
         shift_x=float(rng.uniform(-0.05, 0.05)),
         shift_y=float(rng.uniform(-0.05, 0.05)),
         artefact=ARTEFACTS[1 + k % 3],
