@@ -26,8 +26,14 @@ else (a tied weight read directly by a parent module, a ``ParameterDict``) there
 check and moves down the list instead of getting a silently wrong gradient.
 
 "Batch-first" means dimension 0 of the call's input and output tensors indexes the probe's examples
-in order (inputs with another leading size are treated as shared by all examples). For LLaVA-style
-models this holds when every example carries exactly one image; otherwise use ``method="exact"``.
+in order (inputs with another leading size are treated as shared by all examples). The shapes are
+only the first test (:meth:`ModuleCall.batch_first`: ``n`` rows in dimension 0, and for the factored
+and closed-form kinds outputs whose shape agrees with the input's); agreeing shapes can be a
+coincidence (``n`` images that are not one per example, patches flattened across images), so the
+example axis is then verified (:mod:`.example_axis`): :func:`backward_to_outputs` checks that every
+row of a captured output influences only its own example's loss, and the module path checks that
+its per-example re-runs reproduce the recorded outputs. A parameter whose calls fail either check
+goes to the exact path.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dynamics.signals.example_axis import check_weights, rows_local
 from dynamics.signals.layer_rules import rule_kind
 
 _GRAPH_LIMIT = 2_000_000  # nodes; a local traversal longer than this gives up (-> next path)
@@ -87,6 +94,7 @@ class ModuleCall:
     edges: list[Any]  # torch.autograd.graph.GradientEdge per grad_idx entry
     in_versions: list[tuple[Tensor, int]]
     boundary: set[int]  # ids of the grad_fn nodes of the inputs
+    out_versions: list[int] = field(default_factory=list)  # per leaf, at hook time (-1: not a tensor)
     live: bool = False
     dys: list[Tensor] = field(default_factory=list)
     _counts: dict[int, int] | None = None
@@ -96,25 +104,37 @@ class ModuleCall:
         return self.args[0] if self.args else next(iter(self.kwargs.values()), None)
 
     def batch_first(self, n: int) -> bool:
-        """Inputs (for Linear/Embedding) and outputs with gradient have ``n`` rows in dimension 0."""
-        for k in self.grad_idx:
-            out = self.out_leaves[k]
-            if out.dim() == 0 or out.shape[0] != n:
+        """Shapes say dimension 0 indexes the ``n`` examples (verified later, see :mod:`.example_axis`).
+
+        Outputs with gradient have ``n`` rows; for the factored and closed-form kinds the main input
+        has ``n`` rows too and the output's shape is the one the layer gives that input, so the
+        products (which split both along dimension 0) cannot be handed inconsistent shapes.
+        """
+        outs = [self.out_leaves[k] for k in self.grad_idx]
+        if any(out.dim() == 0 or out.shape[0] != n for out in outs):
+            return False
+        if self.kind not in ("generic", "unsupported"):
+            x = self.main_input()
+            if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != n or len(outs) != 1:
                 return False
-        if self.kind == "linear":
-            x = self.main_input()
-            return isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == n
-        if self.kind == "embedding":
-            ids = self.main_input()
-            return isinstance(ids, Tensor) and ids.dim() >= 1 and ids.shape[0] == n
-        if self.kind == "conv":
-            x = self.main_input()
-            want = 3 if isinstance(self.module, nn.Conv1d) else 4
-            return isinstance(x, Tensor) and x.dim() == want and x.shape[0] == n
+            y = outs[0]
+            if self.kind == "linear":
+                return x.dim() >= 2 and y.shape[:-1] == x.shape[:-1]
+            if self.kind == "embedding":
+                return y.shape[:-1] == x.shape
+            if self.kind == "conv":
+                want = 3 if isinstance(self.module, nn.Conv1d) else 4
+                return x.dim() == want and y.dim() == want and y.shape[1] == self.module.out_channels
+            return y.shape == x.shape  # a normalisation keeps its input's shape
         return True
 
     def inputs_unchanged(self) -> bool:
         return all(t._version == v for t, v in self.in_versions)
+
+    def output_unchanged(self, k: int) -> bool:
+        """Whether output leaf ``k`` still holds the values the call returned (no in-place change since)."""
+        t = self.out_leaves[k]
+        return isinstance(t, Tensor) and t._version == self.out_versions[k]
 
     def edge_counts(self, targets: set[int]) -> dict[int, int] | None:
         """Graph edges into the accumulators of ``targets`` (param ids) inside this call (cached).
@@ -251,6 +271,7 @@ class Capture:
                 edges=edges,
                 in_versions=[(t, t._version) for t in ins],
                 boundary={id(t.grad_fn) for t in ins if t.grad_fn is not None},
+                out_versions=[t._version if isinstance(t, Tensor) else -1 for t in leaves],
             )
         )
 
@@ -357,10 +378,16 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
     return Plan(factored, module, exact, unused, list(needed.values()))
 
 
-def backward_to_outputs(loss_sum: Tensor, calls: list[ModuleCall], retain_graph: bool) -> None:
-    """One backward of ``loss_sum`` to the recorded output edges; fills ``call.dys`` (zeros if unused)."""
+def backward_to_outputs(losses: Tensor, calls: list[ModuleCall], retain_graph: bool) -> set[int]:
+    """Output gradients ``dy = d(sum_i l_i)/dy`` of the calls (``call.dys``, zeros if unused) and their check.
+
+    Two backward passes of the per-example ``losses`` (n,) to the recorded output edges: weights 1,
+    and the check weights of :func:`~.example_axis.check_weights`. Returns the ids of the calls
+    whose output rows do not each influence only their own example (:func:`~.example_axis.rows_local`).
+    The graph is retained after the second pass only if ``retain_graph``.
+    """
     if not calls:
-        return
+        return set()
     index: dict[tuple[int, int], int] = {}
     edges = []
     for c in calls:
@@ -369,10 +396,22 @@ def backward_to_outputs(loss_sum: Tensor, calls: list[ModuleCall], retain_graph:
             if key not in index:
                 index[key] = len(edges)
                 edges.append(e)
-    grads = torch.autograd.grad(loss_sum, edges, retain_graph=retain_graph, allow_unused=True)
+    weights = check_weights(losses.shape[0], losses.detach())
+    weighted = torch.autograd.grad(losses, edges, grad_outputs=weights, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(
+        losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=retain_graph, allow_unused=True
+    )
+    local: dict[int, bool] = {}
+    failed: set[int] = set()
     for c in calls:
         c.dys = []
         for k, e in zip(c.grad_idx, c.edges, strict=True):
-            g = grads[index[(id(e.node), e.output_nr)]]
+            j = index[(id(e.node), e.output_nr)]
+            if j not in local:
+                local[j] = rows_local(weighted[j], grads[j], weights)
+            if not local[j]:
+                failed.add(id(c))
+            g = grads[j]
             out = c.out_leaves[k]
             c.dys.append(torch.zeros_like(out) if g is None else g)
+    return failed

@@ -3,12 +3,14 @@
 ``g_i`` is the gradient of example ``i``'s own loss ``l_i`` (:mod:`.losses`). :func:`compute_gram`
 takes the per-example losses of ONE forward pass that ran inside a :class:`~.capture.Capture`, and
 
-* ``method="auto"`` (fast path): one backward pass of ``sum_i l_i`` to the captured layer outputs;
-  Linear/Embedding/Conv weights by ghost products or materialised per-example gradients, whichever is
-  cheaper per parameter (:mod:`.products`); normalisation layers by closed forms
-  (:mod:`.layer_rules`); other parameters by module-local vector-Jacobian products
-  (:mod:`.module_grads`); parameters the fast path cannot prove it covers by exact
-  per-example autograd (:mod:`.gram_exact`). See :mod:`.capture` for the coverage rules;
+* ``method="auto"`` (fast path): one backward pass of ``sum_i l_i`` to the captured layer outputs
+  (and a second one, with distinct per-example weights, that verifies the example axis of every
+  captured output, :mod:`.example_axis`); Linear/Embedding/Conv weights by ghost products or
+  materialised per-example gradients, whichever is cheaper per parameter (:mod:`.products`);
+  normalisation layers by closed forms (:mod:`.layer_rules`); other parameters by module-local
+  vector-Jacobian products (:mod:`.module_grads`); parameters the fast path cannot prove it covers,
+  or whose example axis fails a check, by exact per-example autograd (:mod:`.gram_exact`). See
+  :mod:`.capture` for the coverage rules;
 * ``"ghost"`` / ``"materialize"``: the same, forcing one product for every factored parameter;
 * ``"exact"``: exact per-example autograd for every parameter (the reference; ~n backward passes).
 
@@ -58,7 +60,7 @@ def compute_gram(
     """``K`` (and ``<g_i, d>``) from per-example ``losses`` (n,) of a forward run under ``capture``.
 
     ``capture`` may be None only for ``method="exact"``. ``direction`` maps ``id(param)`` to a tensor
-    of the parameter's shape. The graph of ``losses`` is consumed.
+    of the parameter's shape. The graph of ``losses`` is retained (the caller drops it).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -83,11 +85,15 @@ def compute_gram(
 
     if pl is not None:
         paths["unused"] = [id(p) for p in pl.unused]
-        # keep the graph (and its saved activations) only if the exact fallback still needs it
-        backward_to_outputs(total, pl.calls_needed, retain_graph=bool(pl.exact))
+        # The graph stays until the end: the exact fallback needs it for whatever fails a check.
+        nonlocal_calls = backward_to_outputs(losses, pl.calls_needed, retain_graph=True)
         by_id = {id(p): p for p in params}
+        exact_params = list(pl.exact)
         for pid, calls in pl.factored.items():
             p = by_id[pid]
+            if any(id(c) in nonlocal_calls for c in calls):
+                exact_params.append(p)
+                continue
             factors, dense = [], []
             for c in calls:
                 m = c.module
@@ -106,6 +112,9 @@ def compute_gram(
             builder.add_factored(pid, p.shape, factors, dense, direction.get(pid))
         for module, ps in pl.module.values():
             calls = [c for c in capture.calls.get(id(module), []) if c.live]
+            if any(id(c) in nonlocal_calls for c in calls):
+                exact_params.extend(ps)
+                continue
             kind = module_kind(module)
             direct = all(any(p is q for q in module._parameters.values()) for p in ps)
             if rule_kind(module) and direct:
@@ -115,10 +124,12 @@ def compute_gram(
                 names = [capture.param_name(module, p) for p in ps]
                 grads = module_per_example_grads(module, names, ps, calls, n)
                 path = "module"
+            if grads is None:  # the per-example re-run did not reproduce the module's outputs
+                exact_params.extend(ps)
+                continue
             for p, g in zip(ps, grads, strict=True):
                 builder.add_dense(g, direction.get(id(p)))
                 paths[path].append(id(p))
-        exact_params = pl.exact
         for calls in capture.calls.values():
             for c in calls:
                 c.dys = []  # free the output gradients early
