@@ -171,13 +171,18 @@ def reproduce_imax_dmax_cmd(
         float | None,
         typer.Option("--heterogeneity", min=0.0, max=1.0, help="Source shift h in [0, 1]; default: the preset's (1)."),
     ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=1, help="Runs trained at once (default: 2 on 2+ cores).")
+    ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar with ETA.")] = True,
 ) -> None:
     """Reproduce IMAX versus DMAX on synthetic chest X-rays: train, evaluate, analyse, report."""
     from dynamics.experiments.imax_dmax.pipeline import reproduce
 
     try:
-        path = reproduce(out, quick=quick, models=model, seeds=seed, heterogeneity=heterogeneity, progress=progress)
+        path = reproduce(
+            out, quick=quick, models=model, seeds=seed, heterogeneity=heterogeneity, progress=progress, workers=workers
+        )
     except ValueError as err:
         raise _fail(err) from err
     typer.echo(str(path))

@@ -9,7 +9,8 @@ What is computed (formulas in the docstrings of :mod:`dynamics.signals`):
 * per-example losses ``l_i`` and gradients ``g_i = grad l_i`` over the chosen parameters
   (:mod:`~dynamics.signals.losses`: for a causal LM, ``l_i`` is the mean over the example's
   supervised tokens, token weighting as transformers' ``ForCausalLMLoss``);
-* ``K = G G^T`` (n x n, :mod:`~dynamics.signals.gram`), in one forward and one backward pass;
+* ``K = G G^T`` (n x n, :mod:`~dynamics.signals.gram`), in one forward and two backward passes
+  (the second verifies which rows of each layer belong to which example);
 * task geometry from ``W K W^T`` with ``w_ai = N_i / N_a`` (:mod:`~dynamics.signals.geometry`);
 * the empirical Fisher spectrum from ``K / n`` (:mod:`~dynamics.signals.spectrum`);
 * the gradient noise scale ``B_simple`` (:mod:`~dynamics.signals.noise_scale`);

@@ -5,7 +5,8 @@ chosen parameter directly, and of their ancestors: the call's inputs, its output
 autograd *gradient edge* of each output (taken at hook time, so a later in-place change of the
 output, e.g. ``ReLU(inplace=True)``, cannot redirect its gradient). One backward pass of
 ``L = sum_i l_i`` to those edges then yields, for every captured call, ``dy = dL/dy``, whose row
-``i`` equals ``d l_i / d y_i`` because examples do not interact (the probe runs in eval mode).
+``i`` equals ``d l_i / d y_i`` when row ``i`` belongs to example ``i`` (examples do not interact: the
+probe runs in eval mode); a second, weighted backward pass checks exactly that (see below).
 
 Which path computes ``g_i(p)`` for a chosen parameter ``p`` (:func:`plan`):
 

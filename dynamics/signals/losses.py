@@ -65,9 +65,17 @@ def split_batch(batch: Any) -> tuple[tuple, dict, Tensor | None]:
 
 
 def _wants_no_cache(model: torch.nn.Module, kwargs: dict) -> bool:
-    """Hugging Face models build a KV cache in eval mode unless told not to: wasted memory here."""
+    """Hugging Face models build a KV cache in eval mode unless told not to.
+
+    The cache wastes memory here, and it is state shared by every attention call of the forward
+    pass: a module re-run for per-example gradients would append to it. Composite models (LLaVA
+    and other vision-language models) keep ``use_cache`` on their text config only.
+    """
     config = getattr(model, "config", None)
-    if "use_cache" in kwargs or getattr(config, "use_cache", None) is None:
+    if "use_cache" in kwargs or config is None:
+        return False
+    text_config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+    if getattr(config, "use_cache", None) is None and getattr(text_config, "use_cache", None) is None:
         return False
     try:
         params = inspect.signature(model.forward).parameters

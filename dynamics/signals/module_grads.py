@@ -64,7 +64,9 @@ def call_per_example_grads(
 
     theta = {name: p.detach() for name, p in zip(names, params, strict=True)}
 
-    def one(xs_i: tuple[Tensor, ...], dys_i: tuple[Tensor, ...]) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+    def one(
+        xs_i: tuple[Tensor, ...], dys_i: tuple[Tensor, ...]
+    ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
         outs, vjp_fn = torch.func.vjp(lambda th: run(th, xs_i, True), theta)
         return vjp_fn(tuple(d.unsqueeze(0) for d in dys_i))[0], tuple(o.squeeze(0) for o in outs)
 
@@ -87,7 +89,10 @@ def call_per_example_grads(
                 pairs = [(o, d[i : i + 1]) for o, d in zip(outs, dys, strict=True) if o.requires_grad]
                 if pairs:
                     gs = torch.autograd.grad(
-                        [o for o, _ in pairs], list(leaf_theta.values()), [d for _, d in pairs], allow_unused=True
+                        [o for o, _ in pairs],
+                        list(leaf_theta.values()),
+                        [d for _, d in pairs],
+                        allow_unused=True,
                     )
                 else:
                     gs = [None] * len(names)

@@ -65,6 +65,14 @@ class Preset:
         return asdict(self) | {"fingerprint": self.fingerprint()}
 
 
+def preset_from_json(d: dict) -> Preset:
+    """Inverse of ``Preset.to_json`` (the fingerprint is recomputed, not read)."""
+    d = {k: v for k, v in d.items() if k != "fingerprint"}
+    train = dict(d.pop("train"))
+    train["dims"] = Dims(**train["dims"])
+    return Preset(**{**d, "models": tuple(d["models"]), "seeds": tuple(d["seeds"])}, train=TrainConfig(**train))
+
+
 QUICK = Preset(
     name="quick",
     models=("idefics3", "qwen2_vl"),
@@ -92,4 +100,4 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-__all__ = ["Preset", "QUICK", "FULL", "PRESETS", "get_preset", "Dims"]
+__all__ = ["Preset", "QUICK", "FULL", "PRESETS", "get_preset", "preset_from_json", "Dims"]
