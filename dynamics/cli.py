@@ -162,26 +162,41 @@ def summary_cmd(
 @reproduce_app.command("imax-dmax")
 def reproduce_imax_dmax_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (reused to resume an interrupted run).")],
-    quick: Annotated[bool, typer.Option("--quick", help="Smoke-test preset (2 models, 1 seed, minutes).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Smoke-test preset (2 models, 1 seed, minutes).")
+    ] = False,
     model: Annotated[
-        list[str] | None, typer.Option("--model", help="Architecture to train (repeatable); default: the preset's.")
+        list[str] | None,
+        typer.Option("--model", help="Architecture to train (repeatable); default: the preset's."),
     ] = None,
-    seed: Annotated[list[int] | None, typer.Option("--seed", help="Seed (repeatable); default: the preset's.")] = None,
+    seed: Annotated[
+        list[int] | None, typer.Option("--seed", help="Seed (repeatable); default: the preset's.")
+    ] = None,
     heterogeneity: Annotated[
         float | None,
-        typer.Option("--heterogeneity", min=0.0, max=1.0, help="Source shift h in [0, 1]; default: the preset's (1)."),
+        typer.Option(
+            "--heterogeneity", min=0.0, max=1.0, help="Source shift h in [0, 1]; default: the preset's (1)."
+        ),
     ] = None,
     workers: Annotated[
         int | None, typer.Option("--workers", min=1, help="Runs trained at once (default: 2 on 2+ cores).")
     ] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar with ETA.")] = True,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Show a progress bar with ETA.")
+    ] = True,
 ) -> None:
     """Reproduce IMAX versus DMAX on synthetic chest X-rays: train, evaluate, analyse, report."""
     from dynamics.experiments.imax_dmax.pipeline import reproduce
 
     try:
         path = reproduce(
-            out, quick=quick, models=model, seeds=seed, heterogeneity=heterogeneity, progress=progress, workers=workers
+            out,
+            quick=quick,
+            models=model,
+            seeds=seed,
+            heterogeneity=heterogeneity,
+            progress=progress,
+            workers=workers,
         )
     except ValueError as err:
         raise _fail(err) from err

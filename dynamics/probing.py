@@ -10,7 +10,8 @@ What is computed (formulas in the docstrings of :mod:`dynamics.signals`):
   (:mod:`~dynamics.signals.losses`: for a causal LM, ``l_i`` is the mean over the example's
   supervised tokens, token weighting as transformers' ``ForCausalLMLoss``);
 * ``K = G G^T`` (n x n, :mod:`~dynamics.signals.gram`), in one forward and two backward passes
-  (the second verifies which rows of each layer belong to which example);
+  (the second verifies which rows of each layer belong to which example; later probes of the same
+  batch reuse its verdicts, :mod:`~dynamics.signals.axis_cache`, and need one backward pass);
 * task geometry from ``W K W^T`` with ``w_ai = N_i / N_a`` (:mod:`~dynamics.signals.geometry`);
 * the empirical Fisher spectrum from ``K / n`` (:mod:`~dynamics.signals.spectrum`);
 * the gradient noise scale ``B_simple`` (:mod:`~dynamics.signals.noise_scale`);
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dynamics.signals.axis_cache import memo_for
 from dynamics.signals.capture import Capture
 from dynamics.signals.geometry import direction_cosine, task_geometry, task_weights
 from dynamics.signals.gram import METHODS, compute_gram
@@ -230,6 +232,7 @@ def probe(
     hessian: bool = False,
     hessian_iters: int = 20,
     hessian_tol: float = 1e-3,
+    cache_checks: bool = True,
 ) -> ProbeResult:
     """Per-example gradient Gram matrix of ``batch`` and every signal derived from it.
 
@@ -253,6 +256,10 @@ def probe(
         hessian: also estimate the top Hessian eigenvalue of the batch loss (costs one extra
             forward and up to ``hessian_iters`` double-backward passes; needs eager attention).
         hessian_iters, hessian_tol: Lanczos iteration cap and relative tolerance.
+        cache_checks: reuse the example-axis verdicts of an earlier probe of the same model, batch
+            (compared by value), parameters and loss, which skips the check's backward pass
+            (:mod:`~dynamics.signals.axis_cache` says why that is safe and when it is not);
+            False verifies on every call.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -281,7 +288,16 @@ def probe(
                 f"the loss gives {tuple(pel.losses.shape)} per-example values but task_ids has n = {n}; "
                 "one task id per example is needed"
             )
-        gr = compute_gram(pel.losses, plist, cap, method, dir_map)
+        memo = memo_for(model, batch, plist, loss) if cache_checks and cap is not None else None
+        gr = compute_gram(
+            pel.losses,
+            plist,
+            cap,
+            method,
+            dir_map,
+            memo,
+            lambda: per_example_losses(model, batch, loss).losses,
+        )
         losses = pel.losses.detach().to(torch.float64).cpu()
         weights = pel.weights.detach().cpu()
         kind = pel.kind

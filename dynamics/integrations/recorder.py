@@ -4,9 +4,8 @@ One :class:`Recorder` serves the HF Trainer callback and the plain-loop API alik
 optimizer step ``s`` (1-based, the Trainer's ``global_step`` after the update):
 
 1. every training forward hands ``(task_ids, labels, logits)`` to :meth:`Recorder.observe`, which
-   adds per-task sums ``[sum S_i, sum N_i, #examples]`` (see :mod:`per_task_loss`) to a ``(3, T+1)``
-   accumulator that stays on the device (column ``T`` collects examples whose id is out of
-   range, reported at the next sync); nothing is copied to the host per micro-batch;
+   computes the per-example ``(S_i, N_i)`` (see :mod:`per_task_loss`) and queues them with the
+   task ids, on the device; nothing is reduced or copied to the host per micro-batch;
 2. :meth:`Recorder.before_update` / :meth:`Recorder.after_update` bracket ``optimizer.step()``; on
    probe steps (``s % probe_every == 0``) they run the probe at the parameters the update was
    computed from, ``theta_{s-1}``, with the update ``Delta_s = theta_s - theta_{s-1}`` as the
@@ -16,8 +15,10 @@ optimizer step ``s`` (1-based, the Trainer's ``global_step`` after the update):
    training continues bit-for-bit as without the probe. Cost: two copies of the probed parameters,
    on probe steps only; ``update_direction=False`` skips them and probes before the step;
 3. :meth:`Recorder.end_step` closes the step. Every ``sync_every`` steps (and whenever logs are
-   requested) the pending per-step tensors are stacked, summed over ranks in ONE collective, moved
-   to the host in one copy and written as store rows by rank 0.
+   requested) the queued values of all pending steps become per-step, per-task sums
+   ``[sum S_i, sum N_i, #examples]`` in one ``index_add`` (a ``(K, 3, T+1)`` tensor; column ``T``
+   collects examples whose id is out of range, reported then), are summed over ranks in ONE
+   collective, moved to the host in one copy and written as store rows by rank 0.
 
 Everything the user's data can get wrong (no task ids, ids out of range, no labels, a probe that
 raises) produces one clear warning and is skipped; training never stops because of the recorder.
@@ -70,6 +71,9 @@ DEFAULT_SYNC_EVERY = 16
 MAX_PROBE_FAILURES = 3
 
 _LOSS, _TOKENS, _EXAMPLES = 0, 1, 2
+
+# One micro-batch's per-example summed losses S_i, item counts N_i and task ids (all 1-D, on device).
+_Part = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class DynamicsWarning(UserWarning):
@@ -146,9 +150,10 @@ class Recorder:
         self._hook: TaskIdHook | None = None
         self._writer: Any = None
         self._lock = threading.Lock()
-        self._acc: torch.Tensor | None = None
+        # This step's micro-batches as (S, N, task ids) per example, reduced only at sync time.
+        self._parts: list[_Part] = []
         self._device: torch.device | None = None
-        self._pending: list[tuple[int, torch.Tensor, float | None]] = []
+        self._pending: list[tuple[int, list[_Part], float | None]] = []
         self._window = np.zeros((3, self.n_tasks))
         self._window_probe: dict[str, float] = {}
         self._warned: set[str] = set()
@@ -311,29 +316,32 @@ class Recorder:
             self._loss_kind = infer_loss_kind(self.model, logits, labels)
         kind = "token" if shift_labels is not None and self._loss_kind == "causal_lm" else self._loss_kind
         loss_sum, count = per_example_loss(logits, labels, kind, shift_labels=shift_labels)
-        self.observe_losses(loss_sum, ids, count)
+        self._queue(loss_sum, count, ids)  # fresh tensors: no copy needed
 
     def observe_losses(
         self, loss_sum: torch.Tensor, task_ids: Any, counts: torch.Tensor | None = None
     ) -> None:
         """Add per-example summed losses ``S_i`` with item counts ``N_i`` (default 1 each).
 
-        Ids outside ``0..T-1`` go to an extra column ``T`` instead of being checked on the host
-        here; :meth:`sync` reports them (once) and drops them.
+        Ids outside ``0..T-1`` are not checked on the host here; :meth:`sync` reports them (once)
+        and leaves them out.
         """
         loss_sum = loss_sum.detach().reshape(-1)
-        ids = self._task_id_tensor(task_ids, loss_sum.numel()).to(loss_sum.device)
+        ids = self._task_id_tensor(task_ids, loss_sum.numel())
         counts = (
             torch.ones_like(loss_sum) if counts is None else counts.detach().reshape(-1).to(loss_sum.device)
         )
-        ids = torch.where((ids < 0) | (ids >= self.n_tasks), self.n_tasks, ids)
-        sums = task_sums(loss_sum, counts, ids, self.n_tasks + 1)
+        # Copies: the caller may reuse its buffers before the next sync reads them.
+        self._queue(loss_sum.clone(), counts.clone(), ids)
+
+    def _queue(self, loss_sum: torch.Tensor, counts: torch.Tensor, ids: torch.Tensor) -> None:
+        """Hold one micro-batch's per-example values until :meth:`sync` (no device work per batch:
+        the per-task sums of all pending steps are one ``index_add`` there)."""
+        ids = ids.to(loss_sum.device, copy=True)  # the batch's id tensor may be refilled in place
         with self._lock:
-            if self._acc is None:
-                self._acc = sums
-                self._device = sums.device
-            else:
-                self._acc += sums.to(self._acc.device)
+            self._parts.append((loss_sum, counts, ids))
+            if self._device is None:
+                self._device = loss_sum.device
 
     def _task_id_tensor(self, task_ids: Any, batch_size: int) -> torch.Tensor:
         """``task_ids`` as a 1-D LongTensor of one id per example (shape and dtype checked, not range)."""
@@ -349,19 +357,36 @@ class Recorder:
         return ids.long()
 
     def end_step(self, step: int, lr: float | None = None) -> None:
-        """Close optimizer step ``step``: queue its sums; every ``sync_every`` steps, sync and write.
+        """Close optimizer step ``step``: queue its micro-batches; every ``sync_every`` steps, sync and write.
 
         A collective under torch.distributed: every rank must call it once per optimizer step.
         """
         with self._lock:
-            acc, self._acc = self._acc, None
-        if acc is None:
-            acc = torch.zeros(
-                3, self.n_tasks + 1, dtype=torch.float64, device=dist_utils.reduce_device(self._device)
-            )
-        self._pending.append((int(step), acc, lr))
+            parts, self._parts = self._parts, []
+        self._pending.append((int(step), parts, lr))
         if len(self._pending) >= self.sync_every:
             self.sync()
+
+    def _pending_totals(
+        self, pending: Sequence[tuple[int, list[_Part], float | None]], device: torch.device
+    ) -> torch.Tensor:
+        """Per-step, per-task sums of ``pending`` steps as a ``(K, 3, T + 1)`` float64 tensor.
+
+        Entry ``[k, :, a]`` is ``[sum S_i, sum N_i, #examples]`` over the examples of step ``k``
+        with task id ``a``; column ``T`` collects ids outside ``0..T-1``. Step ``k``'s task ``a``
+        is bin ``k (T + 1) + a`` of one :func:`task_sums` call: one kernel for all steps.
+        """
+        n_cols = self.n_tasks + 1
+        parts = [(k, part) for k, (_, step_parts, _) in enumerate(pending) for part in step_parts]
+        if not parts:
+            return torch.zeros(len(pending), 3, n_cols, dtype=torch.float64, device=device)
+        loss_sum = torch.cat([p[0].to(device, torch.float64) for _, p in parts])
+        counts = torch.cat([p[1].to(device, torch.float64) for _, p in parts])
+        ids = torch.cat([p[2].to(device) for _, p in parts])
+        step_of = torch.cat([torch.full((p[0].numel(),), k, device=device) for k, p in parts])
+        ids = torch.where((ids < 0) | (ids >= self.n_tasks), self.n_tasks, ids)
+        sums = task_sums(loss_sum, counts, step_of * n_cols + ids, len(pending) * n_cols)
+        return sums.view(3, len(pending), n_cols).transpose(0, 1).contiguous()
 
     def sync(self) -> None:
         """Reduce the pending steps over ranks (one collective), write them (rank 0), add to the window."""
@@ -369,8 +394,9 @@ class Recorder:
             return
         pending, self._pending = self._pending, []
         device = dist_utils.reduce_device(self._device)
-        stacked = torch.stack([acc.to(device) for _, acc, _ in pending])
-        totals = dist_utils.all_reduce_sum(stacked).cpu().numpy()  # (K, 3, T + 1)
+        totals = (
+            dist_utils.all_reduce_sum(self._pending_totals(pending, device)).cpu().numpy()
+        )  # (K, 3, T + 1)
         dropped = totals[:, _EXAMPLES, self.n_tasks]
         if dropped.any() and dist_utils.is_main_process():  # totals are global: one rank says it
             first = pending[int(np.flatnonzero(dropped)[0])][0]

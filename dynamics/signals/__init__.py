@@ -5,6 +5,7 @@ One concern per module, the math in each docstring:
 * :mod:`.losses`      per-example losses ``l_i`` and task weights (transformers' token weighting);
 * :mod:`.capture`     forward hooks, the backward pass, and the check of which path covers a parameter;
 * :mod:`.example_axis` checks that dimension 0 of a captured tensor indexes the examples;
+* :mod:`.axis_cache`  reuse of those verdicts across probes of the same model and batch;
 * :mod:`.products`    Linear / Embedding / Conv blocks of ``K``: ghost products or materialised gradients;
 * :mod:`.layer_rules` closed-form per-example gradients of normalisation layers;
 * :mod:`.module_grads` per-example gradients of any other module by a module-local vjp;

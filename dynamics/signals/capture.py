@@ -304,6 +304,8 @@ class Plan:
     exact: list[Tensor]
     unused: list[Tensor]
     calls_needed: list[ModuleCall]
+    graph_size: int = 0  # autograd nodes reachable from the loss
+    uses: tuple[int, ...] = ()  # graph edges into each chosen parameter, in order
 
 
 def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Plan:
@@ -376,19 +378,63 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
     for m, _ in module.values():
         for c in live_calls(m):
             needed[id(c)] = c
-    return Plan(factored, module, exact, unused, list(needed.values()))
+    uses = tuple(total.get(id(p), 0) for p in cap.params)
+    return Plan(factored, module, exact, unused, list(needed.values()), len(reachable), uses)
 
 
-def backward_to_outputs(losses: Tensor, calls: list[ModuleCall], retain_graph: bool) -> set[int]:
+def _signature(t: Any) -> Any:
+    return (tuple(t.shape), t.dtype, t.device.type) if isinstance(t, Tensor) else None
+
+
+def forward_structure(cap: Capture, pl: Plan) -> tuple[Any, dict[int, nn.Module]]:
+    """What the captured forward did, for :mod:`.axis_cache`: per hooked module its calls' shapes.
+
+    Returns a hashable description (each call's input and output shapes and dtypes, whether it
+    reaches the loss, the loss graph's size and each parameter's number of uses) and the hooked
+    modules by id. Two forwards with equal descriptions ran the same code path on the same shapes.
+    """
+    per_module = []
+    for mid, m in cap.hooked.items():
+        calls = tuple(
+            (
+                tuple(_signature(t) for t, _ in c.in_versions),
+                tuple(_signature(c.out_leaves[k]) for k in c.grad_idx),
+                c.live,
+            )
+            for c in cap.calls.get(mid, [])
+        )
+        per_module.append((mid, type(m), calls))
+    return (tuple(per_module), pl.graph_size, pl.uses), dict(cap.hooked)
+
+
+def call_key(call: ModuleCall, cap: Capture) -> tuple[int, int]:
+    """``(id(module), index of the call among that module's calls)``: stable across equal structures."""
+    calls = cap.calls[id(call.module)]
+    for i, c in enumerate(calls):
+        if c is call:
+            return (id(call.module), i)
+    raise KeyError("call not captured")
+
+
+def backward_to_outputs(
+    losses: Tensor,
+    calls: list[ModuleCall],
+    retain_graph: bool,
+    known: dict[int, bool] | None = None,
+) -> tuple[set[int], dict[int, bool] | None]:
     """Output gradients ``dy = d(sum_i l_i)/dy`` of the calls (``call.dys``, zeros if unused) and their check.
 
-    Two backward passes of the per-example ``losses`` (n,) to the recorded output edges: weights 1,
-    and the check weights of :func:`~.example_axis.check_weights`. Returns the ids of the calls
-    whose output rows do not each influence only their own example (:func:`~.example_axis.rows_local`).
-    The graph is retained after the second pass only if ``retain_graph``.
+    Backward passes of the per-example ``losses`` (n,) to the recorded output edges: the check
+    weights of :func:`~.example_axis.check_weights`, then weights 1; each call's verdict is whether
+    every row of its outputs influences only its own example's loss
+    (:func:`~.example_axis.rows_local`). ``known`` maps ``id(call)`` to a verdict reused from an
+    earlier probe of the same inputs (:mod:`.axis_cache`): when it covers every call, the weighted
+    pass is skipped. Returns the ids of the calls that are not per-example, and the verdicts
+    computed here (None when all were known). The graph is retained after the last pass only if
+    ``retain_graph``.
     """
     if not calls:
-        return set()
+        return set(), None
     index: dict[tuple[int, int], int] = {}
     edges = []
     for c in calls:
@@ -397,22 +443,34 @@ def backward_to_outputs(losses: Tensor, calls: list[ModuleCall], retain_graph: b
             if key not in index:
                 index[key] = len(edges)
                 edges.append(e)
+    if known is not None and all(id(c) in known for c in calls):
+        grads = torch.autograd.grad(
+            losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=retain_graph, allow_unused=True
+        )
+        for c in calls:
+            c.dys = _dys(c, grads, index)
+        return {id(c) for c in calls if not known[id(c)]}, None
     weights = check_weights(losses.shape[0], losses.detach())
-    weighted = torch.autograd.grad(losses, edges, grad_outputs=weights, retain_graph=True, allow_unused=True)
+    weighted = list(
+        torch.autograd.grad(losses, edges, grad_outputs=weights, retain_graph=True, allow_unused=True)
+    )
     grads = torch.autograd.grad(
         losses, edges, grad_outputs=torch.ones_like(losses), retain_graph=retain_graph, allow_unused=True
     )
     local: dict[int, bool] = {}
-    failed: set[int] = set()
+    for j in range(len(edges)):
+        local[j] = rows_local(weighted[j], grads[j], weights)
+        weighted[j] = None  # free each weighted gradient once checked
+    verdicts: dict[int, bool] = {}
     for c in calls:
-        c.dys = []
-        for k, e in zip(c.grad_idx, c.edges, strict=True):
-            j = index[(id(e.node), e.output_nr)]
-            if j not in local:
-                local[j] = rows_local(weighted[j], grads[j], weights)
-            if not local[j]:
-                failed.add(id(c))
-            g = grads[j]
-            out = c.out_leaves[k]
-            c.dys.append(torch.zeros_like(out) if g is None else g)
-    return failed
+        verdicts[id(c)] = all(local[index[(id(e.node), e.output_nr)]] for e in c.edges)
+        c.dys = _dys(c, grads, index)
+    return {cid for cid, ok in verdicts.items() if not ok}, verdicts
+
+
+def _dys(c: ModuleCall, grads: tuple, index: dict[tuple[int, int], int]) -> list[Tensor]:
+    out = []
+    for k, e in zip(c.grad_idx, c.edges, strict=True):
+        g = grads[index[(id(e.node), e.output_nr)]]
+        out.append(torch.zeros_like(c.out_leaves[k]) if g is None else g)
+    return out

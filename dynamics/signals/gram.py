@@ -19,12 +19,21 @@ Optionally also ``<g_i, d>`` for a direction ``d`` given per parameter.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from dynamics.signals.capture import Capture, backward_to_outputs, module_kind, plan
+from dynamics.signals.axis_cache import AxisMemo
+from dynamics.signals.capture import (
+    Capture,
+    backward_to_outputs,
+    call_key,
+    forward_structure,
+    module_kind,
+    plan,
+)
 from dynamics.signals.gram_exact import per_example_grads
 from dynamics.signals.layer_rules import rule_kind, rule_per_example_grads
 from dynamics.signals.module_grads import module_per_example_grads
@@ -56,11 +65,18 @@ def compute_gram(
     capture: Capture | None,
     method: str = "auto",
     direction: dict[int, Tensor] | None = None,
+    memo: AxisMemo | None = None,
+    recompute: Callable[[], Tensor] | None = None,
 ) -> GramResult:
     """``K`` (and ``<g_i, d>``) from per-example ``losses`` (n,) of a forward run under ``capture``.
 
     ``capture`` may be None only for ``method="exact"``. ``direction`` maps ``id(param)`` to a tensor
-    of the parameter's shape. The graph of ``losses`` is retained (the caller drops it).
+    of the parameter's shape. ``memo`` holds example-axis verdicts of earlier probes of the same
+    model and inputs (:mod:`.axis_cache`); with every verdict known, the check's backward pass is
+    skipped. ``recompute`` re-runs the forward and returns the losses again (with a new graph).
+    Given it, the graph of ``losses`` is freed by the backward pass whenever no verdict sends a
+    parameter to exact autograd (with all verdicts known); should a module re-run then fail its
+    check, the exact fallback runs on recomputed losses.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -85,8 +101,30 @@ def compute_gram(
 
     if pl is not None:
         paths["unused"] = [id(p) for p in pl.unused]
-        # The graph stays until the end: the exact fallback needs it for whatever fails a check.
-        nonlocal_calls = backward_to_outputs(losses, pl.calls_needed, retain_graph=True)
+        known: dict[int, bool] | None = None
+        structure = modules = None
+        if memo is not None:
+            structure, modules = forward_structure(capture, pl)
+            cached = memo.lookup(structure, modules)
+            if cached is not None:
+                keys = {id(c): call_key(c, capture) for c in pl.calls_needed}
+                if all(k in cached for k in keys.values()):
+                    known = {cid: cached[k] for cid, k in keys.items()}
+        # The exact fallback needs the graph for whatever fails a check; it is freed during the
+        # backward (less memory) only when the known verdicts send nothing there and a module
+        # re-run that fails its check can have the losses recomputed.
+        may_fall_back = (
+            bool(pl.exact)
+            or known is None
+            or not all(known.values())
+            or (
+                recompute is None
+                and any(not (rule_kind(m) and _direct(m, ps)) for m, ps in pl.module.values())
+            )
+        )
+        nonlocal_calls, verdicts = backward_to_outputs(losses, pl.calls_needed, may_fall_back, known)
+        if memo is not None and verdicts is not None:
+            memo.store(structure, modules, {call_key(c, capture): verdicts[id(c)] for c in pl.calls_needed})
         by_id = {id(p): p for p in params}
         exact_params = list(pl.exact)
         for pid, calls in pl.factored.items():
@@ -116,8 +154,7 @@ def compute_gram(
                 exact_params.extend(ps)
                 continue
             kind = module_kind(module)
-            direct = all(any(p is q for q in module._parameters.values()) for p in ps)
-            if rule_kind(module) and direct:
+            if rule_kind(module) and _direct(module, ps):
                 grads = rule_per_example_grads(module, kind, ps, calls, n)
                 path = "rule"
             else:
@@ -137,6 +174,9 @@ def compute_gram(
         exact_params = list(params)
 
     if exact_params:
+        if pl is not None and not may_fall_back:
+            assert recompute is not None, "the graph was freed although a parameter needs exact autograd"
+            losses = recompute()  # rare: a module re-run failed after the graph was freed
         for p, g in zip(exact_params, per_example_grads(losses, exact_params), strict=True):
             builder.add_dense(g, direction.get(id(p)))
             paths["exact"].append(id(p))
@@ -146,3 +186,8 @@ def compute_gram(
     paths["materialized"] = builder.paths["materialized"]
     has_dir = bool(direction)
     return GramResult(gram, builder.dots if has_dir else None, paths, builder.eps)
+
+
+def _direct(module, ps: list[Tensor]) -> bool:
+    """Whether the module owns every parameter in ``ps`` itself (the closed-form rules need that)."""
+    return all(any(p is q for q in module._parameters.values()) for p in ps)

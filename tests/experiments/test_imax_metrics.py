@@ -44,7 +44,9 @@ def test_classification_metrics_by_hand():
     assert M.accuracy(["yes", "no"], ["yes", "yes"]) == 0.5
     assert M.mae([0.5, 0.4], [0.45, 0.5]) == pytest.approx(0.075)
     # label-wise: a: tp1 fn0 fp0 -> 1; b: tp0 fp1 fn1 -> 0; c: no support, no prediction -> 1
-    assert M.label_macro_f1([{"a", "b"}], [{"a", "c"}], labels=["a", "b", "c"]) == pytest.approx((1 + 0 + 0) / 3)
+    assert M.label_macro_f1([{"a", "b"}], [{"a", "c"}], labels=["a", "b", "c"]) == pytest.approx(
+        (1 + 0 + 0) / 3
+    )
 
 
 def test_iou_on_grid_cells():
@@ -89,7 +91,11 @@ def test_task_metrics_with_unparsable_and_perfect_answers():
     m = M.task_metrics("calculation", [0.45, 0.60], ["0.45", "0.60"], ["0.47", "ratio"])
     # errors 0.02 and, unparsable, the worst in-range error max(0.60 - lo, hi - 0.60)
     lo, hi = CTR_RANGE
-    assert m["mae"] == pytest.approx((0.02 + max(0.60 - lo, hi - 0.60)) / 2) and m["parse_rate"] == 0.5 and m["score"] == 0.0
+    assert (
+        m["mae"] == pytest.approx((0.02 + max(0.60 - lo, hi - 0.60)) / 2)
+        and m["parse_rate"] == 0.5
+        and m["score"] == 0.0
+    )
     m = M.task_metrics("rec", [(0, 0, 1, 1), (2, 2, 3, 3)], ["0 0 1 1", "2 2 3 3"], ["1 1 0 0", "2 2"])
     assert m["acc_iou50"] == 0.5 and m["mean_iou"] == 0.5
     labels = {f: f in ("effusion",) for f in T.FINDINGS}
@@ -119,7 +125,9 @@ def test_baselines_and_multitask_score():
         _e("calculation", "ctr", "0.40", 0.40),
         _e("calculation", "ctr", "0.52", 0.52),
     ]
-    assert M.baseline_predictions(es, "majority") == ["left"] * 5 + ["0.46"] * 2  # "left": 2 vs "no": 2, tie -> min
+    assert (
+        M.baseline_predictions(es, "majority") == ["left"] * 5 + ["0.46"] * 2
+    )  # "left": 2 vs "no": 2, tie -> min
     assert M.baseline_predictions(es, "blind")[:5] == ["no", "no", "left", "left", "left"]
     sc = M.baseline_scores(es, "blind")
     assert sc["vqa"]["accuracy"] == pytest.approx(4 / 5)

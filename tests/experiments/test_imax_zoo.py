@@ -44,7 +44,9 @@ def test_forward_backward_with_task_ids_stripped(name, setup):
     labels = batch["labels"]
     n_answer = sum(len(ds[i]["answer"]) + 1 for i in picks)  # answer words + <eos>
     assert int((labels != IGNORE_INDEX).sum()) == n_answer
-    ref = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    ref = F.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
     torch.testing.assert_close(out.loss, ref, rtol=1e-4, atol=1e-5)
     out.loss.backward()
     # The image reaches the loss: the vision tower gets a gradient.
@@ -92,7 +94,7 @@ def test_qwen2_vl_patches_match_the_image_processor():
     )  # fmt: skip
     three = imgs.unsqueeze(1).expand(-1, 3, -1, -1).numpy()
     ref = proc(images=list(three), return_tensors="pt", input_data_format="channels_first")
-    torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"].float())
+    torch.testing.assert_close(ours["pixel_values"].flatten(0, 1), ref["pixel_values"].float())
     assert ours["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
 
 

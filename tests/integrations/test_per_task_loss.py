@@ -38,6 +38,20 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     torch.testing.assert_close(chunked, whole)
 
 
+def test_strided_logits_match_the_token_loop():
+    # Logits that are a strided view (no flat row table) take the gather-by-coordinates path.
+    batch, _ = llama_batch(n=4, seq_len=8)
+    wide = torch.randn(4, 8, 2, 64, generator=torch.Generator().manual_seed(4))
+    logits = wide[:, :, 1]  # (4, 8, 64), not viewable as (32, 64)
+    assert not logits.is_contiguous()
+    shifted = torch.full_like(batch["labels"], -100)
+    shifted[:, :-1] = batch["labels"][:, 1:]
+    want_s, want_n = token_losses(logits.contiguous(), shifted)
+    s, n = per_example_loss(logits, batch["labels"], "causal_lm")
+    assert n.tolist() == want_n
+    assert s.tolist() == pytest.approx(want_s, rel=1e-5)
+
+
 def test_classification_regression_multilabel_against_formulas():
     gen = torch.Generator().manual_seed(2)
     logits = torch.randn(6, 4, generator=gen)

@@ -79,9 +79,7 @@ class Construction:
         pairs = {(e.image_id, e.task) for e in self.entries}
         per_task = Counter(e.task for e in self.entries)
         img_per_task = Counter(t for _, t in pairs)
-        src_per_task = {
-            t: sorted({self.images[i].source for i, tt in pairs if tt == t}) for t in TASK_NAMES
-        }
+        src_per_task = {t: sorted({self.images[i].source for i, tt in pairs if tt == t}) for t in TASK_NAMES}
         return {
             "name": self.name,
             "images": n_img,
@@ -185,7 +183,9 @@ def build_imax(
     return Construction("IMAX", images, entries)
 
 
-def build_dmax(imax: Construction, *, sources: list[SourceStyle], size: int, seed: int, first_id: int) -> Construction:
+def build_dmax(
+    imax: Construction, *, sources: list[SourceStyle], size: int, seed: int, first_id: int
+) -> Construction:
     """Decentralised twin of ``imax``: same per-task multiplicities, fresh single-task home-source images."""
     if len(sources) < len(TASK_NAMES):
         raise ValueError(f"DMAX needs one source per task ({len(TASK_NAMES)}), got {len(sources)}")
@@ -208,7 +208,13 @@ def build_dmax(imax: Construction, *, sources: list[SourceStyle], size: int, see
 
 
 def build_eval(
-    n_images: int, *, sources: list[SourceStyle], size: int, seed: int, first_id: int, eval_sources: str = "all"
+    n_images: int,
+    *,
+    sources: list[SourceStyle],
+    size: int,
+    seed: int,
+    first_id: int,
+    eval_sources: str = "all",
 ) -> Construction:
     """Shared evaluation set: every image carries all seven tasks, one entry each."""
     if eval_sources not in ("all", "home"):
@@ -266,7 +272,9 @@ def build_bundle(
     s_imax, s_dmax, s_eval = (int(s.generate_state(1)[0]) for s in ss.spawn(3))
     imax = build_imax(n_images, sources=sources, size=size, seed=s_imax, first_id=0)
     dmax = build_dmax(imax, sources=sources, size=size, seed=s_dmax, first_id=1_000_000)
-    ev = build_eval(n_eval, sources=sources, size=size, seed=s_eval, first_id=2_000_000, eval_sources=eval_sources)
+    ev = build_eval(
+        n_eval, sources=sources, size=size, seed=s_eval, first_id=2_000_000, eval_sources=eval_sources
+    )
     if verbose:
         print(imax.describe())
         print(dmax.describe())

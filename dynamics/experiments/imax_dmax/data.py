@@ -42,7 +42,9 @@ class EntryDataset(Dataset):
     "task_ids": int (index into TASK_NAMES), "index": int}``.
     """
 
-    def __init__(self, construction: Construction, tok: PreTrainedTokenizerBase, entries: Sequence[Entry] | None = None):
+    def __init__(
+        self, construction: Construction, tok: PreTrainedTokenizerBase, entries: Sequence[Entry] | None = None
+    ):
         self.construction = construction
         self.entries = list(construction.entries if entries is None else entries)
         self.pixels = {i: torch.from_numpy(r.pixels) for i, r in construction.images.items()}

@@ -20,7 +20,15 @@ from dynamics.experiments.imax_dmax.zoo import Arch
 
 # Longest answer of each task's grammar, in words (see tasks.py): the report's five sentences,
 # five labels with four commas, four box cells, "nodule right upper", one word otherwise.
-MAX_ANSWER_WORDS = {"calculation": 1, "report": 17, "multiclass": 1, "multilabel": 9, "rec": 4, "reg": 3, "vqa": 1}
+MAX_ANSWER_WORDS = {
+    "calculation": 1,
+    "report": 17,
+    "multiclass": 1,
+    "multilabel": 9,
+    "rec": 4,
+    "reg": 3,
+    "vqa": 1,
+}
 
 
 @torch.no_grad()
@@ -45,7 +53,7 @@ def generate_answers(
             idx = [i for i, e in enumerate(dataset.entries) if e.task == task]
             for s in range(0, len(idx), batch_size):
                 chunk = idx[s : s + batch_size]
-                batch = collate([dataset[i] for i in chunk])
+                batch = {k: v.to(model.device) for k, v in collate([dataset[i] for i in chunk]).items()}
                 n_prompt = batch["input_ids"].shape[1]
                 gen = model.generate(
                     **batch,

@@ -49,9 +49,23 @@ def task_scores(per_run: pd.DataFrame, baselines: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     for k, c in enumerate(("IMAX", "DMAX")):
         sub = per_run[per_run["construction"] == c]
-        ax.bar(x + (k - 0.5) * 0.38, [sub[t].mean() for t in TASK_NAMES], width=0.36, color=COLORS[c], alpha=0.75, label=c)
+        ax.bar(
+            x + (k - 0.5) * 0.38,
+            [sub[t].mean() for t in TASK_NAMES],
+            width=0.36,
+            color=COLORS[c],
+            alpha=0.75,
+            label=c,
+        )
     for kind, style in (("majority", "k_"), ("blind", "r_")):
-        ax.plot(x, [baselines[kind][t]["score"] for t in TASK_NAMES], style, ms=22, mew=2, label=f"{kind} baseline")
+        ax.plot(
+            x,
+            [baselines[kind][t]["score"] for t in TASK_NAMES],
+            style,
+            ms=22,
+            mew=2,
+            label=f"{kind} baseline",
+        )
     ax.set_xticks(x, TASK_NAMES, rotation=20)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score (normalised)")
@@ -71,7 +85,9 @@ def fisher_curves(runset, path: Path) -> Path | None:
     tags = runset.runs.set_index("run_id")["construction"]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     grid = np.linspace(0, 1, 21)
-    for ax, name, label in zip(axes, ("fisher_se", "fisher_rho"), ("spectral entropy SE", "dominant ratio rho"), strict=True):
+    for ax, name, label in zip(
+        axes, ("fisher_se", "fisher_rho"), ("spectral entropy SE", "dominant ratio rho"), strict=True
+    ):
         curves: dict[str, list[np.ndarray]] = {"IMAX": [], "DMAX": []}
         for rid, g in m[m["name"] == name].groupby("run_id"):
             g = g.sort_values("step")

@@ -88,12 +88,15 @@ def example_f1(true_sets: Sequence[set], pred_sets: Sequence[set]) -> float:
     if len(true_sets) != len(pred_sets) or not true_sets:
         raise ValueError(f"need equal, non-empty lengths, got {len(true_sets)} and {len(pred_sets)}")
     vals = [
-        2 * len(t & p) / (len(t) + len(p)) if (t or p) else 1.0 for t, p in zip(true_sets, pred_sets, strict=True)
+        2 * len(t & p) / (len(t) + len(p)) if (t or p) else 1.0
+        for t, p in zip(true_sets, pred_sets, strict=True)
     ]
     return float(np.mean(vals))
 
 
-def label_macro_f1(true_sets: Sequence[set], pred_sets: Sequence[set], labels: Iterable[str] = FINDINGS) -> float:
+def label_macro_f1(
+    true_sets: Sequence[set], pred_sets: Sequence[set], labels: Iterable[str] = FINDINGS
+) -> float:
     """Label-wise macro-F1 of a multi-label prediction (labels without support or predictions count 1)."""
     out = []
     for lab in labels:
@@ -179,7 +182,9 @@ def _ctr_pred(text: str) -> float:
     return float("nan") if v is None else v
 
 
-def task_metrics(task: str, truths: Sequence, answers: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+def task_metrics(
+    task: str, truths: Sequence, answers: Sequence[str], predictions: Sequence[str]
+) -> dict[str, float]:
     """Metrics of one task from ground truths, reference answers and generated answers (+ ``score``).
 
     ``truths`` are the entries' structured ground truth (exact CTR, grade, label dict, box cells,
@@ -260,7 +265,10 @@ def score_entries(entries: Sequence, predictions: Sequence[str]) -> dict[str, di
         idx = [i for i, e in enumerate(entries) if e.task == t]
         if idx:
             out[t] = task_metrics(
-                t, [entries[i].truth for i in idx], [entries[i].answer for i in idx], [predictions[i] for i in idx]
+                t,
+                [entries[i].truth for i in idx],
+                [entries[i].answer for i in idx],
+                [predictions[i] for i in idx],
             )
     return out
 

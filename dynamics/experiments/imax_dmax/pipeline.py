@@ -55,7 +55,9 @@ def _check_config(out: Path, preset: Preset) -> None:
 def _progress_bar(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="step", desc="imax-dmax", disable=not enabled, dynamic_ncols=True, smoothing=0.05)
+    return tqdm(
+        total=total, unit="step", desc="imax-dmax", disable=not enabled, dynamic_ncols=True, smoothing=0.05
+    )
 
 
 def default_workers() -> int:
@@ -103,11 +105,12 @@ def _train_parallel(p: Preset, pending: list, n_workers: int, bar) -> None:
     queue = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // n_workers)
     with ProcessPoolExecutor(
-        max_workers=n_workers, mp_context=ctx, initializer=_init_worker, initargs=(p.to_json(), queue, threads)
+        max_workers=n_workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(p.to_json(), queue, threads),
     ) as pool:
-        futures = {
-            pool.submit(_worker_run, m, c, s, str(d)): run_name(m, c, s) for (m, c, s), d in pending
-        }
+        futures = {pool.submit(_worker_run, m, c, s, str(d)): run_name(m, c, s) for (m, c, s), d in pending}
         left = set(futures)
         try:
             while left:
@@ -171,7 +174,9 @@ def reproduce(
     steps = p.train.steps(len(bundle.imax.entries))
     n_workers = max(1, min(workers if workers is not None else default_workers(), len(pending) or 1))
     if progress:
-        print(f"{len(plan) - len(pending)} of {len(plan)} runs already done; training {len(pending)} ({n_workers} worker(s))")
+        print(
+            f"{len(plan) - len(pending)} of {len(plan)} runs already done; training {len(pending)} ({n_workers} worker(s))"
+        )
     for _, run_dir in pending:
         if run_dir.exists():  # an interrupted run: start it over rather than append to it
             shutil.rmtree(run_dir)
@@ -195,7 +200,9 @@ def reproduce(
     return path
 
 
-def analyse(out: Path, run_dirs: list[Path], preset: Preset, data: dict, baselines: dict, *, progress: bool = True) -> Path:
+def analyse(
+    out: Path, run_dirs: list[Path], preset: Preset, data: dict, baselines: dict, *, progress: bool = True
+) -> Path:
     """Figures, results.md and report.pdf from the run stores in ``run_dirs``."""
     from dynamics import load_runs
     from dynamics.experiments.imax_dmax.figures import draw_all

@@ -111,7 +111,11 @@ def signal_tables(runset) -> tuple[pd.DataFrame | None, pd.DataFrame | None, str
         feats = features(runset, score_metrics=["score"])
     present = [f for f in SIGNAL_FEATURES if f in feats.columns and feats[f].notna().any()]
     if not present:
-        return None, None, "no Fisher / gradient signals in the stores (runs trained without the dynamics hooks)"
+        return (
+            None,
+            None,
+            "no Fisher / gradient signals in the stores (runs trained without the dynamics hooks)",
+        )
     note = ""
     cmp_rows = cor_rows = None
     try:
@@ -131,7 +135,9 @@ def signal_tables(runset) -> tuple[pd.DataFrame | None, pd.DataFrame | None, str
     return cmp_rows, cor_rows, note.strip()
 
 
-def write_results(out: Path, runset, preset_json: dict, data_stats: dict, baselines: dict, figures: list[str]) -> Path:
+def write_results(
+    out: Path, runset, preset_json: dict, data_stats: dict, baselines: dict, figures: list[str]
+) -> Path:
     """Write ``out/results.md`` (see module docstring); returns its path."""
     per_run = run_scores(runset)
     lines = [
@@ -148,7 +154,15 @@ def write_results(out: Path, runset, preset_json: dict, data_stats: dict, baseli
     rows = []
     for c in ("IMAX", "DMAX"):
         s = data_stats[c]
-        rows.append([c, str(s["images"]), str(s["entries"]), f"{s['tasks_per_image']:.2f}", f"{s['entries_per_image']:.2f}"])
+        rows.append(
+            [
+                c,
+                str(s["images"]),
+                str(s["entries"]),
+                f"{s['tasks_per_image']:.2f}",
+                f"{s['entries_per_image']:.2f}",
+            ]
+        )
     lines += [_table(["construction", "images", "entries", "tasks/image", "entries/image"], rows), ""]
     lines += [
         _table(
@@ -163,16 +177,35 @@ def write_results(out: Path, runset, preset_json: dict, data_stats: dict, baseli
     ]
     mt = multitask_table(per_run)
     rows = [
-        [m, _fmt(r["IMAX"]), _fmt(r["DMAX"]), f"{r['diff']:+.3f}", f"{r['rel_pct']:+.1f}%", str(int(r["n_seeds"]))]
+        [
+            m,
+            _fmt(r["IMAX"]),
+            _fmt(r["DMAX"]),
+            f"{r['diff']:+.3f}",
+            f"{r['rel_pct']:+.1f}%",
+            str(int(r["n_seeds"])),
+        ]
         for m, r in mt.iterrows()
     ]
     mean = mt[["IMAX", "DMAX", "diff"]].mean()
     rows.append(
-        ["**mean**", _fmt(mean["IMAX"]), _fmt(mean["DMAX"]), f"{mean['diff']:+.3f}", f"{100 * mean['diff'] / mean['DMAX']:+.1f}%", ""]
+        [
+            "**mean**",
+            _fmt(mean["IMAX"]),
+            _fmt(mean["DMAX"]),
+            f"{mean['diff']:+.3f}",
+            f"{100 * mean['diff'] / mean['DMAX']:+.1f}%",
+            "",
+        ]
     )
     lines += [_table(["model", "IMAX", "DMAX", "IMAX − DMAX", "relative", "seeds"], rows), ""]
     wins = int((mt["diff"] > 0).sum())
-    lines += [f"IMAX scores higher for {wins} of {len(mt)} models.", "", "## Per task vs trivial baselines", ""]
+    lines += [
+        f"IMAX scores higher for {wins} of {len(mt)} models.",
+        "",
+        "## Per task vs trivial baselines",
+        "",
+    ]
     tt = task_table(per_run, baselines)
     rows = [
         [
@@ -189,7 +222,16 @@ def write_results(out: Path, runset, preset_json: dict, data_stats: dict, baseli
     ]
     lines += [
         _table(
-            ["task", "headline", "IMAX", "DMAX", "majority", "blind", "worst run", f"runs ≥ majority + {MARGIN}"],
+            [
+                "task",
+                "headline",
+                "IMAX",
+                "DMAX",
+                "majority",
+                "blind",
+                "worst run",
+                f"runs ≥ majority + {MARGIN}",
+            ],
             rows,
         ),
         "",
@@ -224,7 +266,13 @@ def write_results(out: Path, runset, preset_json: dict, data_stats: dict, baseli
         ]
     if cor_rows is not None:
         rows = [
-            [r["feature"], str(int(r["n"])), _fmt(r["r"]), f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", _fmt(r["p_value"])]
+            [
+                r["feature"],
+                str(int(r["n"])),
+                _fmt(r["r"]),
+                f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
+                _fmt(r["p_value"]),
+            ]
             for _, r in cor_rows.iterrows()
         ]
         lines += [

@@ -179,9 +179,7 @@ def candidates(
     if task == "calculation":
         out.append(Candidate(task, "ctr", pick(INSTRUCTIONS[task]), ctr_answer(ph.ctr), ph.ctr))
     elif task == "report":
-        out.append(
-            Candidate(task, "report", pick(INSTRUCTIONS[task]), report_answer(ph), dict(ph.labels()))
-        )
+        out.append(Candidate(task, "report", pick(INSTRUCTIONS[task]), report_answer(ph), dict(ph.labels())))
     elif task == "multiclass":
         out.append(Candidate(task, "edema", pick(INSTRUCTIONS[task]), EDEMA_GRADES[ph.edema], ph.edema))
     elif task == "multilabel":

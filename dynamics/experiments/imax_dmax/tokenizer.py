@@ -19,7 +19,12 @@ from dynamics.experiments.imax_dmax.tasks import VOCAB
 
 PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
 IMAGE, VIDEO = "<image>", "<video>"
-IMAGE_START, IMAGE_END, IMAGE_BREAK, IMAGE_GLOBAL = "<image_start>", "<image_end>", "<image_break>", "<image_global>"
+IMAGE_START, IMAGE_END, IMAGE_BREAK, IMAGE_GLOBAL = (
+    "<image_start>",
+    "<image_end>",
+    "<image_break>",
+    "<image_global>",
+)
 SPECIAL_TOKENS: tuple[str, ...] = (
     PAD,
     UNK,

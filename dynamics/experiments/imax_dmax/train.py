@@ -73,7 +73,13 @@ def _attach_hooks(trainer: Trainer, run_dir: Path, tags: dict, cfg: TrainConfig)
     except (ImportError, AttributeError):  # hooks not installed in this build: train without them
         return None
     return attach(
-        trainer, tasks=list(TASK_NAMES), probe_every=cfg.probe_every, probe_size=cfg.probe_size, tags=tags, out_dir=run_dir
+        trainer,
+        tasks=list(TASK_NAMES),
+        probe_every=cfg.probe_every,
+        probe_size=cfg.probe_size,
+        tags=tags,
+        out_dir=run_dir,
+        loss="causal_lm",  # every zoo model shifts its labels; no guessing from class names
     )
 
 
@@ -121,7 +127,7 @@ def train_run(
         disable_tqdm=True,
         seed=seed,
         data_seed=seed,
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # the same pipeline runs on a GPU where there is one
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         remove_unused_columns=False,  # our examples are raw dicts; the collator builds model inputs
@@ -139,14 +145,21 @@ def train_run(
     scores, preds = evaluate_model(net, arch, tok, eval_set, batch_size=cfg.eval_batch_size)
     with open(run_dir / "predictions.jsonl", "w") as f:
         for e, p in zip(eval_set.entries, preds, strict=True):
-            f.write(json.dumps({"task": e.task, "instruction": e.instruction, "answer": e.answer, "prediction": p}) + "\n")
+            f.write(
+                json.dumps(
+                    {"task": e.task, "instruction": e.instruction, "answer": e.answer, "prediction": p}
+                )
+                + "\n"
+            )
     timing = {"train_s": train_s, "eval_s": time.perf_counter() - t0 - train_s, "steps": max_steps}
     _record(cb, run_dir, tags, scores, timing, net, cfg, result.training_loss)
     (run_dir / DONE_FILE).write_text(json.dumps(timing) + "\n")
     return scores
 
 
-def _record(cb, run_dir: Path, tags: dict, scores: dict, timing: dict, net, cfg: TrainConfig, train_loss: float):
+def _record(
+    cb, run_dir: Path, tags: dict, scores: dict, timing: dict, net, cfg: TrainConfig, train_loss: float
+):
     meta = {
         "experiment": "imax_dmax",
         "timing": timing,
@@ -168,8 +181,3 @@ def _record(cb, run_dir: Path, tags: dict, scores: dict, timing: dict, net, cfg:
         w.log(int(timing["steps"]), "train_loss", float(train_loss))
         w.log_scores(scores)
 
-
-def set_threads(n: int | None) -> None:
-    """Limit torch's intra-op threads (the presets are timed on 2 cores)."""
-    if n:
-        torch.set_num_threads(int(n))

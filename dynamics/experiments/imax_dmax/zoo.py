@@ -28,6 +28,7 @@ Images come in as a float tensor ``(B, H, W)`` in [0, 1]; every architecture see
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -140,7 +141,11 @@ class Arch:
         cfg = self.config(tok)
         model = self.model_class(cfg)
         gc = model.generation_config
-        gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+        gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = (
+            tok.pad_token_id,
+            tok.eos_token_id,
+            tok.bos_token_id,
+        )
         gc.do_sample = False
         return model
 
@@ -177,9 +182,31 @@ class PaliGemma(Arch):
         return {"token_type_ids": (~prefix_mask).long()}
 
 
+class Qwen2VLBatchFirst(T.Qwen2VLForConditionalGeneration):
+    """Qwen2-VL that also accepts ``pixel_values`` as ``(batch, patches, patch_dim)``.
+
+    Qwen2-VL's processor packs the patches of all images along dimension 0, which no per-example
+    split of a batch can slice; this class takes one row of patches per example and packs them
+    before the unchanged forward (same weights, same computation), so that the dynamics probe can
+    treat dimension 0 of every input as the example axis.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.loss_type = "ForCausalLM"  # the parent's name-based guess does not match this class
+
+    # wraps: generate() validates its keyword arguments against forward's signature.
+    @functools.wraps(T.Qwen2VLForConditionalGeneration.forward)
+    def forward(self, *args, **kwargs):
+        pv = kwargs.get("pixel_values")
+        if pv is not None and pv.dim() == 3:
+            kwargs["pixel_values"] = pv.flatten(0, 1)
+        return super().forward(*args, **kwargs)
+
+
 class Qwen2VL(Arch):
     name, description = "qwen2_vl", "Qwen2-VL ViT (2D RoPE) + 2x2 patch merger + Qwen2 (M-RoPE)"
-    model_class = T.Qwen2VLForConditionalGeneration
+    model_class = Qwen2VLBatchFirst
     merge = 2
     temporal = 2
 
@@ -200,7 +227,8 @@ class Qwen2VL(Arch):
         half = d.head_dim // 2
         section = [half - 2 * (half // 3), half // 3, half // 3]
         text = dict(
-            **self.text_kwargs(tok), rope_parameters=dict(rope_type="default", mrope_section=section, rope_theta=1e4)
+            **self.text_kwargs(tok),
+            rope_parameters=dict(rope_type="default", mrope_section=section, rope_theta=1e4),
         )
         return T.Qwen2VLConfig(
             vision_config=vc,
@@ -217,18 +245,19 @@ class Qwen2VL(Arch):
     def pixel_inputs(self, images):
         """Flattened patches in merge-window order, as ``Qwen2VLImageProcessor.patchify`` lays them out.
 
-        (B, 3, H, W) -> (B * gh * gw, 3 * temporal * p * p) with rows ordered (image, block row,
-        block col, row in block, col in block) and each patch repeated ``temporal`` times (a still
-        image is a two-frame video to the Conv3d patch embedding); ``image_grid_thw`` = (1, gh, gw).
+        (B, 3, H, W) -> (B, gh * gw, 3 * temporal * p * p) with rows ordered (block row, block col,
+        row in block, col in block) and each patch repeated ``temporal`` times (a still image is a
+        two-frame video to the Conv3d patch embedding); ``image_grid_thw`` = (1, gh, gw). Flattened
+        over the batch this is exactly the processor's packed layout.
         """
         x = _normalise(images)
         b, c, h, w = x.shape
         p, m, g = self.dims.patch, self.merge, self.grid
         x = x.reshape(b, c, g // m, m, p, g // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
         x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, self.temporal, -1, -1)
-        flat = x.reshape(b * g * g, c * self.temporal * p * p)
+        per_example = x.reshape(b, g * g, c * self.temporal * p * p)  # packed by Qwen2VLBatchFirst
         grid = torch.tensor([[1, g, g]] * b, dtype=torch.long)
-        return {"pixel_values": flat, "image_grid_thw": grid}
+        return {"pixel_values": per_example, "image_grid_thw": grid}
 
     def token_inputs(self, input_ids, prefix_mask, tok):
         return {"mm_token_type_ids": (input_ids == _ids(tok, tk.IMAGE)[0]).int()}
@@ -408,7 +437,8 @@ class Lfm2VL(Arch):
 
 
 ARCHITECTURES: dict[str, type[Arch]] = {
-    cls.name: cls for cls in (Llava, PaliGemma, Qwen2VL, Idefics3, InternVL, Gemma3, Mistral3, SmolVLM, Lfm2VL)
+    cls.name: cls
+    for cls in (Llava, PaliGemma, Qwen2VL, Idefics3, InternVL, Gemma3, Mistral3, SmolVLM, Lfm2VL)
 }
 
 
