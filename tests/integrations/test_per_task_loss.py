@@ -41,9 +41,9 @@ def test_chunking_does_not_change_the_result(monkeypatch):
 def test_strided_logits_match_the_token_loop():
     # Logits that are a strided view (no flat row table) take the gather-by-coordinates path.
     batch, _ = llama_batch(n=4, seq_len=8)
-    wide = torch.randn(4, 8, 2, 64, generator=torch.Generator().manual_seed(4))
-    logits = wide[:, :, 1]  # (4, 8, 64), not viewable as (32, 64)
-    assert not logits.is_contiguous()
+    logits = torch.randn(8, 4, 64, generator=torch.Generator().manual_seed(4)).transpose(0, 1)
+    with pytest.raises(RuntimeError):
+        logits.view(-1, 64)  # (4, 8, 64) whose rows have no flat (32, 64) view
     shifted = torch.full_like(batch["labels"], -100)
     shifted[:, :-1] = batch["labels"][:, 1:]
     want_s, want_n = token_losses(logits.contiguous(), shifted)

@@ -158,7 +158,11 @@ def test_a_probe_that_fails_once_is_skipped_and_later_probes_run(tmp_path, monke
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe_batch, probe_ids = mlp_batch(n=6, seed=9)
     rec = LoopRecorder(
-        model, tasks=TASKS, out_dir=tmp_path / "run", probe_every=1, probe_batch={**probe_batch, "task_ids": probe_ids}
+        model,
+        tasks=TASKS,
+        out_dir=tmp_path / "run",
+        probe_every=1,
+        probe_batch={**probe_batch, "task_ids": probe_ids},
     )
     with pytest.warns(DynamicsWarning, match="transient failure"):
         for k in range(3):
