@@ -18,7 +18,10 @@ HEAVY = ("pandas", "scipy", "matplotlib", "seaborn", "statsmodels")
         ("from dynamics import probe", "pass"),
         ("from dynamics import LoopRecorder", "pass"),
         # transformers' Trainer imports scipy itself; what we must not add is anything beyond that.
-        ("from dynamics import attach, DynamicsCallback", "from transformers import Trainer, TrainerCallback"),
+        (
+            "from dynamics import attach, DynamicsCallback",
+            "from transformers import Trainer, TrainerCallback",
+        ),
     ],
 )
 def test_training_side_imports_no_analysis_stack(statement, baseline):

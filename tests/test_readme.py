@@ -15,7 +15,11 @@ FENCE = re.compile(r"(<!-- fragment[^>]*-->\n)?```(python|bash)\n(.*?)```", re.S
 
 
 def _blocks(language: str) -> list[str]:
-    return [code for fragment, lang, code in FENCE.findall(README.read_text()) if lang == language and not fragment]
+    return [
+        code
+        for fragment, lang, code in FENCE.findall(README.read_text())
+        if lang == language and not fragment
+    ]
 
 
 def test_readme_has_examples():
