@@ -109,6 +109,23 @@ def test_bad_task_ids_warn_once_and_keep_the_rest(tmp_path):
     assert counts[TASKS].tolist() == expected.tolist()
 
 
+def _train_probing_every_step(run_dir, steps: int) -> None:
+    """A few SGD steps of the tiny MLP with a LoopRecorder that probes after every step."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe_batch, probe_ids = mlp_batch(n=6, seed=9)
+    rec = LoopRecorder(
+        model, tasks=TASKS, out_dir=run_dir, probe_every=1, probe_batch={**probe_batch, "task_ids": probe_ids}
+    )
+    for k in range(steps):
+        batch, ids = mlp_batch(n=6, seed=k)
+        model(**batch, task_ids=ids)["loss"].backward()
+        with rec.update(opt):
+            opt.step()
+        opt.zero_grad()
+    rec.close()
+
+
 def test_a_probe_that_raises_is_skipped_then_switched_off_and_training_goes_on(tmp_path, monkeypatch):
     calls = []
 
@@ -117,24 +134,8 @@ def test_a_probe_that_raises_is_skipped_then_switched_off_and_training_goes_on(t
         raise NotImplementedError("no per-example gradients for layer FancyAttention")
 
     monkeypatch.setattr(dynamics.probing, "probe", broken_probe)
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    probe_batch, probe_ids = mlp_batch(n=6, seed=9)
-    rec = LoopRecorder(
-        model,
-        tasks=TASKS,
-        out_dir=tmp_path / "run",
-        probe_every=1,
-        probe_batch={**probe_batch, "task_ids": probe_ids},
-    )
     with pytest.warns(DynamicsWarning, match="FancyAttention") as caught:
-        for k in range(MAX_PROBE_FAILURES + 2):
-            batch, ids = mlp_batch(n=6, seed=k)
-            model(**batch, task_ids=ids)["loss"].backward()
-            with rec.update(opt):
-                opt.step()
-            opt.zero_grad()
-    rec.close()
+        _train_probing_every_step(tmp_path / "run", MAX_PROBE_FAILURES + 2)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 2  # "skipped, retried" once, then "probes are off" once
     assert "next one is tried" in messages[0] and "probes are off" in messages[1]
@@ -154,24 +155,8 @@ def test_a_probe_that_fails_once_is_skipped_and_later_probes_run(tmp_path, monke
         return real(model, batch, **kwargs)
 
     monkeypatch.setattr(dynamics.probing, "probe", flaky_probe)
-    model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    probe_batch, probe_ids = mlp_batch(n=6, seed=9)
-    rec = LoopRecorder(
-        model,
-        tasks=TASKS,
-        out_dir=tmp_path / "run",
-        probe_every=1,
-        probe_batch={**probe_batch, "task_ids": probe_ids},
-    )
     with pytest.warns(DynamicsWarning, match="transient failure"):
-        for k in range(3):
-            batch, ids = mlp_batch(n=6, seed=k)
-            model(**batch, task_ids=ids)["loss"].backward()
-            with rec.update(opt):
-                opt.step()
-            opt.zero_grad()
-    rec.close()
+        _train_probing_every_step(tmp_path / "run", 3)
     m = load_runs(tmp_path / "run").metrics
     assert sorted(m.loc[m["name"] == "fisher_se", "step"].unique()) == [2, 3]
 
