@@ -1,4 +1,4 @@
-"""A tiny end-to-end reproduction: artefacts, numbers from the stores, resuming (slow)."""
+"""A tiny end-to-end reproduction: artefacts, numbers from the stores, resuming."""
 
 from __future__ import annotations
 
@@ -23,17 +23,26 @@ TINY = Preset(
     n_images=12,
     n_eval=4,
     train=TrainConfig(
-        epochs=1.0, batch_size=16, probe_every=3, probe_size=14, dims=Dims(hidden=32, intermediate=64, layers=1, vision_layers=1)
+        epochs=1.0,
+        batch_size=16,
+        probe_every=3,
+        probe_size=14,
+        dims=Dims(hidden=32, intermediate=64, layers=1, vision_layers=1),
     ),
 )
 
 
-@pytest.mark.slow
 def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path):
     out = tmp_path / "out"
     path = reproduce(out, preset=TINY, progress=False, workers=1)
     assert path == out / "results.md"
-    for name in ("config.json", "data.json", "baselines.json", "report.pdf", "figures/multitask_by_model.png"):
+    for name in (
+        "config.json",
+        "data.json",
+        "baselines.json",
+        "report.pdf",
+        "figures/multitask_by_model.png",
+    ):
         assert (out / name).exists(), name
     runs = sorted(p.name for p in (out / "runs").iterdir())
     assert runs == ["idefics3-DMAX-s0", "idefics3-IMAX-s0"]

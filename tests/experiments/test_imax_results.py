@@ -62,6 +62,8 @@ def test_task_table_counts_runs_beating_the_majority_baseline():
     assert tt.loc["calculation", "beat"] == 1 and tt.loc["calculation", "worst_run"] == pytest.approx(0.40)
     # vqa (offset 0.06): 0.66, 0.56, 0.46, 0.51 -> two runs reach 0.55
     assert tt.loc["vqa", "beat"] == 2
+    assert (tt.loc["vqa", "beat_IMAX"], tt.loc["vqa", "beat_DMAX"]) == (1, 1)
+    assert tt.loc["vqa", "n_IMAX"] == 2
     assert tt.loc["vqa", "IMAX"] == pytest.approx((0.66 + 0.46) / 2)
 
 

@@ -29,10 +29,12 @@ def write_run(
     seed: int = 0,
     effect: float = 0.0,
     scores: bool = True,
+    run_score: bool = False,
 ) -> Path:
     """Write one run: per-step per-task losses and, if ``probe_every``, probe signals.
 
     ``effect`` (+1 for IMAX, -1 for DMAX) shifts SE down, rho up, conflicts down and scores up.
+    ``run_score`` adds the run-level score ``overall`` (task ""), the mean of the task accuracies.
     """
     rng = np.random.default_rng(seed)
     tasks = list(tasks)
@@ -70,14 +72,13 @@ def write_run(
             w.log_many(ps, "noise_scale", 50 * (1 + pp) + 5 * rng.standard_normal(k))
             late_rho = float(rho[-max(1, k // 3) :].mean())
         if scores:
-            w.log_scores(
-                {
-                    t: {
-                        "accuracy": float(0.6 + 0.03 * effect + 0.4 * late_rho + 0.01 * rng.standard_normal())
-                    }
-                    for t in tasks
-                }
-            )
+            acc = {
+                t: {"accuracy": float(0.6 + 0.03 * effect + 0.4 * late_rho + 0.01 * rng.standard_normal())}
+                for t in tasks
+            }
+            if run_score:
+                acc[""] = {"overall": float(np.mean([m["accuracy"] for m in acc.values()]))}
+            w.log_scores(acc)
     return run_dir
 
 
@@ -91,6 +92,7 @@ def write_runs(
     n_steps: int = 200,
     probe_every: int | None = 10,
     scores: bool = True,
+    run_score: bool = False,
 ) -> list[Path]:
     """Write ``len(constructions) * n_models * n_seeds`` runs below ``root``; returns their dirs.
 
@@ -109,6 +111,7 @@ def write_runs(
                 seed=1000 + n,
                 effect=effect,
                 scores=scores,
+                run_score=run_score,
             )
         )
     return out

@@ -261,3 +261,19 @@ def test_progress_bar_reports_steps(tmp_path, capsys):
     build_report([tmp_path / "runs"], tmp_path / "r.pdf", progress=True)
     err = capsys.readouterr().err
     assert "step" in err and "%" in err
+
+
+def test_run_level_score_is_a_target_under_its_features_name(tmp_path):
+    # A run-level score (task "") is named "score/all/<metric>" by features(); the report must
+    # accept it under that name and explain it, as the IMAX/DMAX reproduction asks it to.
+    write_runs(tmp_path / "runs", n_models=2, n_seeds=3, n_steps=40, probe_every=8, run_score=True)
+    sc = load_runs(tmp_path / "runs").scores
+    overall = sc[sc["task"] == ""].set_index("run_id")["value"]
+    per_task = sc[sc["task"] != ""].groupby("run_id")["value"].mean()
+    assert overall.to_dict() == pytest.approx(per_task.to_dict())
+    ctx = build_context([tmp_path / "runs"], target="score/all/overall")
+    assert ctx.correlation.ok, ctx.correlation.note
+    assert ctx.forecast.ok, ctx.forecast.note
+    assert ctx.primary.ok and "score/all/overall" in set(ctx.primary.frame["feature"])
+    with pytest.raises(ValueError, match="not a score of these runs"):
+        build_context([tmp_path / "runs"], target="score//overall")

@@ -38,6 +38,11 @@ PAPER_TASKS_PER_IMAGE = 4.10
 PAPER_ENTRIES_PER_IMAGE = 7.46
 
 
+def home_source(task: str) -> int:
+    """Index of the source DMAX draws ``task``'s images from (its "home" dataset)."""
+    return TASK_NAMES.index(task)
+
+
 @dataclass
 class ImageRecord:
     """One rendered image: id, source index, phantom (ground truth), pixels (H x W float32), pixel boxes."""
@@ -72,6 +77,15 @@ class Construction:
     name: str
     images: dict[int, ImageRecord]
     entries: list[Entry]
+
+    def home_mask(self, entries: list[Entry] | None = None) -> list[bool]:
+        """Per entry (default: all of this construction's): is its image from the task's home source?
+
+        On the shared evaluation set this splits each task into the source a DMAX model of that
+        task trained on ("home", see ``home_source``) and the sources it never saw ("shifted").
+        """
+        es = self.entries if entries is None else entries
+        return [self.images[e.image_id].source == home_source(e.task) for e in es]
 
     def stats(self) -> dict:
         """Densities and per-task counts: tasks/image, entries/image, entries and images per task."""
@@ -194,7 +208,7 @@ def build_dmax(
     images: dict[int, ImageRecord] = {}
     entries: list[Entry] = []
     for (_, task), m in sorted(mult.items(), key=lambda kv: (TASK_NAMES.index(kv[0][1]), kv[0][0])):
-        home = TASK_NAMES.index(task)
+        home = home_source(task)
         for _attempt in range(100):
             rec = fac.make(home)
             cs = fac.cands(rec, task)
@@ -232,7 +246,7 @@ def build_eval(
     else:
         for t in TASK_NAMES:
             for _ in range(n_images):
-                rec = fac.make(TASK_NAMES.index(t))
+                rec = fac.make(home_source(t))
                 images[rec.image_id] = rec
                 entries.append(Entry.from_candidate(rec.image_id, fac.cands(rec, t)[0]))
     return Construction("eval", images, entries)

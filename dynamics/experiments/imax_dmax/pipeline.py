@@ -4,7 +4,7 @@ Layout of the output folder ``OUT``::
 
     config.json        the preset (and its fingerprint, which a resumed run must match)
     data.json          the builder's density statistics (IMAX, DMAX, eval)
-    baselines.json     majority and blind baselines on the evaluation set
+    baselines.json     majority and blind baselines on the evaluation set (and majority per source split)
     runs/<model>-<construction>-s<seed>/   one run store per run (DONE marks a finished one)
     results.md         tables read back from the run stores (see results.py)
     figures/           the pipeline's figures, and figures/report/ with the report's pages
@@ -166,6 +166,11 @@ def reproduce(
     data = {"IMAX": bundle.imax.stats(), "DMAX": bundle.dmax.stats(), "eval": bundle.eval.stats()}
     (out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
     baselines = {k: baseline_scores(bundle.eval.entries, k) for k in ("majority", "blind")}
+    # The majority baseline of each source split (see evaluate.split_scores), on that split itself.
+    home = bundle.eval.home_mask()
+    for name, flag in (("majority_home", True), ("majority_shifted", False)):
+        split = [e for e, h in zip(bundle.eval.entries, home, strict=True) if h is flag]
+        baselines[name] = baseline_scores(split, "majority")
     (out / "baselines.json").write_text(json.dumps(baselines, indent=2) + "\n")
 
     plan = [(m, c, s) for m in p.models for s in p.seeds for c in CONSTRUCTIONS]

@@ -8,7 +8,8 @@ written by the pipeline from the evaluation set and the builder):
    points and relative to DMAX in percent (the paper's 3.20%-21.05% are relative gains);
 3. per task: each construction's mean score, the trivial baselines (majority answer, and the
    image-blind best answer per question), and how many runs beat the majority baseline by at
-   least ``MARGIN`` (the "models actually learn" check);
+   least ``MARGIN`` (the "models actually learn" check), and the same split by source: each
+   task's home source (the one DMAX trains it on) versus the shifted others;
 4. Fisher spectral entropy SE and dominant eigenvalue ratio rho, IMAX vs DMAX paired on
    (model, seed), from ``dynamics.analysis.compare``;
 5. the Spearman correlation of those features with the multi-task score, from
@@ -49,6 +50,10 @@ def _fmt(v: float, nd: int = 3) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:.{nd}f}"
 
 
+def _pct(v: float) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:+.1f}%"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -72,7 +77,7 @@ def multitask_table(per_run: pd.DataFrame) -> pd.DataFrame:
     n = per_run.pivot_table(index="model", columns="construction", values="multitask_score", aggfunc="count")
     g = g.reindex(columns=list(CONSTRUCTIONS))
     g["diff"] = g["IMAX"] - g["DMAX"]
-    g["rel_pct"] = 100 * g["diff"] / g["DMAX"]
+    g["rel_pct"] = 100 * g["diff"] / g["DMAX"].where(g["DMAX"] != 0)
     g["n_seeds"] = n.min(axis=1)
     return g
 
@@ -84,19 +89,48 @@ def task_table(per_run: pd.DataFrame, baselines: dict) -> pd.DataFrame:
         maj = baselines["majority"][t]["score"]
         blind = baselines["blind"][t]["score"]
         vals = per_run[t].to_numpy(float)
-        rows.append(
-            {
-                "task": t,
-                "headline": HEADLINE[t],
-                "IMAX": per_run.loc[per_run["construction"] == "IMAX", t].mean(),
-                "DMAX": per_run.loc[per_run["construction"] == "DMAX", t].mean(),
-                "majority": maj,
-                "blind": blind,
-                "worst_run": float(np.nanmin(vals)),
-                "beat": int(np.sum(vals >= maj + MARGIN)),
-                "n_runs": int(np.isfinite(vals).sum()),
-            }
+        row = {"task": t, "headline": HEADLINE[t]}
+        for c in CONSTRUCTIONS:
+            v = per_run.loc[per_run["construction"] == c, t].to_numpy(float)
+            row[c] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+            row[f"beat_{c}"] = int(np.sum(v >= maj + MARGIN))
+            row[f"n_{c}"] = int(np.isfinite(v).sum())
+        row.update(
+            majority=maj,
+            blind=blind,
+            worst_run=float(np.nanmin(vals)),
+            beat=int(np.sum(vals >= maj + MARGIN)),
+            n_runs=int(np.isfinite(vals).sum()),
         )
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("task")
+
+
+def split_table(runset, baselines: dict) -> pd.DataFrame | None:
+    """Per task and construction: mean ``score_home`` / ``score_shifted`` and the runs that beat
+    the home split's majority baseline by ``MARGIN``; None for stores without the split."""
+    sc = runset.scores
+    sc = sc[sc["metric"].isin(["score_home", "score_shifted"])]
+    if sc.empty or "majority_home" not in baselines:
+        return None
+    cons = runset.runs.set_index("run_id")["construction"]
+    sc = sc.assign(construction=sc["run_id"].map(cons))
+    rows = []
+    for t in TASK_NAMES:
+        row: dict = {"task": t}
+        for split in ("home", "shifted"):
+            row[f"majority_{split}"] = baselines[f"majority_{split}"].get(t, {}).get("score", float("nan"))
+        for c in CONSTRUCTIONS:
+            for split in ("home", "shifted"):
+                v = sc.loc[
+                    (sc["task"] == t) & (sc["construction"] == c) & (sc["metric"] == f"score_{split}"),
+                    "value",
+                ]
+                row[f"{c}_{split}"] = float(v.mean()) if len(v) else float("nan")
+                if split == "home":
+                    row[f"beat_{c}"] = int((v.to_numpy(float) >= row["majority_home"] + MARGIN).sum())
+                    row[f"n_{c}"] = len(v)
+        rows.append(row)
     return pd.DataFrame(rows).set_index("task")
 
 
@@ -122,7 +156,11 @@ def signal_tables(runset) -> tuple[pd.DataFrame | None, pd.DataFrame | None, str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cmp_rows = compare(
-                feats, by="construction", pair_on=["model", "seed"], groups=("DMAX", "IMAX"), features=present
+                feats,
+                by="construction",
+                pair_on=["model", "seed"],
+                groups=("DMAX", "IMAX"),
+                features=["multitask_score", *present],
             )
     except ValueError as err:
         note += f"compare: {err}. "
@@ -182,7 +220,7 @@ def write_results(
             _fmt(r["IMAX"]),
             _fmt(r["DMAX"]),
             f"{r['diff']:+.3f}",
-            f"{r['rel_pct']:+.1f}%",
+            _pct(r["rel_pct"]),
             str(int(r["n_seeds"])),
         ]
         for m, r in mt.iterrows()
@@ -194,7 +232,7 @@ def write_results(
             _fmt(mean["IMAX"]),
             _fmt(mean["DMAX"]),
             f"{mean['diff']:+.3f}",
-            f"{100 * mean['diff'] / mean['DMAX']:+.1f}%",
+            _pct(100 * mean["diff"] / mean["DMAX"] if mean["DMAX"] else float("nan")),
             "",
         ]
     )
@@ -216,7 +254,8 @@ def write_results(
             _fmt(r["majority"]),
             _fmt(r["blind"]),
             _fmt(r["worst_run"]),
-            f"{r['beat']}/{r['n_runs']}",
+            f"{int(r['beat_IMAX'])}/{int(r['n_IMAX'])}",
+            f"{int(r['beat_DMAX'])}/{int(r['n_DMAX'])}",
         ]
         for t, r in tt.iterrows()
     ]
@@ -230,7 +269,8 @@ def write_results(
                 "majority",
                 "blind",
                 "worst run",
-                f"runs ≥ majority + {MARGIN}",
+                f"IMAX runs ≥ majority + {MARGIN}",
+                f"DMAX runs ≥ majority + {MARGIN}",
             ],
             rows,
         ),
@@ -240,6 +280,49 @@ def write_results(
         "(e.g. per REC object), what an image-blind model could reach. Both are computed on the "
         "evaluation set itself.",
         "",
+    ]
+    st = split_table(runset, baselines)
+    if st is not None:
+        n_home = data_stats["eval"]["images"] / len(TASK_NAMES)
+        rows = [
+            [
+                t,
+                _fmt(r["IMAX_home"]),
+                _fmt(r["IMAX_shifted"]),
+                _fmt(r["DMAX_home"]),
+                _fmt(r["DMAX_shifted"]),
+                _fmt(r["majority_home"]),
+                _fmt(r["majority_shifted"]),
+                f"{int(r['beat_IMAX'])}/{int(r['n_IMAX'])}",
+                f"{int(r['beat_DMAX'])}/{int(r['n_DMAX'])}",
+            ]
+            for t, r in st.iterrows()
+        ]
+        lines += [
+            "### By source: the task's home source vs the others",
+            "",
+            _table(
+                [
+                    "task",
+                    "IMAX home",
+                    "IMAX shifted",
+                    "DMAX home",
+                    "DMAX shifted",
+                    "majority home",
+                    "majority shifted",
+                    f"IMAX runs ≥ majority home + {MARGIN}",
+                    f"DMAX runs ≥ majority home + {MARGIN}",
+                ],
+                rows,
+            ),
+            "",
+            "*home*: the evaluation images from the source DMAX trains that task on (about "
+            f"{n_home:.0f} per task); *shifted*: the other sources, which DMAX never shows that task. "
+            "Each majority baseline is computed on its own split. A DMAX model that learned a task "
+            "within its source but not across sources is high at home and low when shifted.",
+            "",
+        ]
+    lines += [
         "## Training dynamics: Fisher spectral entropy SE and dominant eigenvalue ratio rho",
         "",
     ]
@@ -261,7 +344,9 @@ def write_results(
         lines += [
             _table(["feature", "IMAX", "DMAX", "IMAX − DMAX", "95% CI", "test", "pairs", "p"], rows),
             "",
-            "Paired on (model, seed). The paper reports lower SE and higher rho under IMAX.",
+            "Paired on (model, seed); the first row tests the multi-task score itself (recomputed by "
+            '`features(..., score_metrics=["score"])` from the stored task scores). The paper reports '
+            "lower SE and higher rho under IMAX.",
             "",
         ]
     if cor_rows is not None:

@@ -180,4 +180,3 @@ def _record(
     with RunWriter(run_dir, tasks=list(TASK_NAMES), tags=tags, meta={"imax_dmax": meta}) as w:
         w.log(int(timing["steps"]), "train_loss", float(train_loss))
         w.log_scores(scores)
-
