@@ -71,6 +71,18 @@ def test_eval_set_is_image_centric_and_balanced(bundle):
     assert not set(ev.images) & (set(bundle.imax.images) | set(bundle.dmax.images))
 
 
+def test_home_mask_marks_each_tasks_dmax_source(bundle):
+    assert all(bundle.dmax.home_mask())  # DMAX trains every task on its home source only
+    ev = bundle.eval
+    mask = ev.home_mask()
+    for t in TASK_NAMES:
+        home = [ev.images[e.image_id].source == TASK_NAMES.index(t) for e in ev.entries if e.task == t]
+        assert [m for m, e in zip(mask, ev.entries, strict=True) if e.task == t] == home
+        assert 1 <= sum(home) <= 20 // len(TASK_NAMES) + 1  # balanced sources: about 1/7 at home
+    subset = ev.entries[::3]
+    assert ev.home_mask(subset) == mask[::3]
+
+
 def test_builder_is_deterministic_in_its_seed():
     a = build_bundle(30, 5, seed=3)
     b = build_bundle(30, 5, seed=3)

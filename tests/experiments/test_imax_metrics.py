@@ -139,3 +139,21 @@ def test_baselines_and_multitask_score():
         M.multitask_score({"vqa": {"score": 1.0}})
     with pytest.raises(ValueError, match="kind"):
         M.baseline_predictions(es, "oracle")
+
+
+def test_split_scores_by_hand():
+    from dynamics.experiments.imax_dmax.evaluate import split_scores
+
+    es = [
+        _e("vqa", "nodule", "no"),
+        _e("vqa", "nodule", "yes"),
+        _e("vqa", "nodule", "no"),
+        _e("calculation", "ctr", "0.40", 0.40),
+        _e("calculation", "ctr", "0.52", 0.52),
+    ]
+    preds = ["no", "no", "yes", "0.42", "0.52"]
+    home = [True, False, False, True, True]
+    sp = split_scores(es, preds, home)
+    assert sp["vqa"] == {"score_home": 1.0, "score_shifted": 0.0}
+    # CTR at home: MAE (0.02 + 0) / 2 = 0.01 -> score 1 - 0.01 / 0.1 = 0.9; no shifted CTR entries.
+    assert sp["calculation"] == {"score_home": pytest.approx(0.9)}

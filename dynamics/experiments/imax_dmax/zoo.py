@@ -72,6 +72,7 @@ class Arch:
     name: str = ""
     description: str = ""
     merge: int = 1  # tokens per side are (size / patch) / merge
+    framed: bool = False  # the processor wraps the image tokens in <image_start> ... <image_end>
 
     def __init__(self, size: int = 48, dims: Dims | None = None):
         self.dims = dims or Dims()
@@ -91,7 +92,8 @@ class Arch:
 
     def image_token_ids(self, tok: PreTrainedTokenizerBase) -> list[int]:
         """Token ids standing for one image in the text sequence (placeholders and wrappers)."""
-        return _ids(tok, tk.IMAGE) * self.n_image_tokens
+        ids = _ids(tok, tk.IMAGE) * self.n_image_tokens
+        return _ids(tok, tk.IMAGE_START) + ids + _ids(tok, tk.IMAGE_END) if self.framed else ids
 
     def pixel_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixel_values": _normalise(images)}
@@ -208,6 +210,7 @@ class Qwen2VL(Arch):
     name, description = "qwen2_vl", "Qwen2-VL ViT (2D RoPE) + 2x2 patch merger + Qwen2 (M-RoPE)"
     model_class = Qwen2VLBatchFirst
     merge = 2
+    framed = True
     temporal = 2
 
     def config(self, tok):
@@ -238,9 +241,6 @@ class Qwen2VL(Arch):
             vision_start_token_id=_ids(tok, tk.IMAGE_START)[0],
             vision_end_token_id=_ids(tok, tk.IMAGE_END)[0],
         )
-
-    def image_token_ids(self, tok):
-        return _ids(tok, tk.IMAGE_START) + _ids(tok, tk.IMAGE) * self.n_image_tokens + _ids(tok, tk.IMAGE_END)
 
     def pixel_inputs(self, images):
         """Flattened patches in merge-window order, as ``Qwen2VLImageProcessor.patchify`` lays them out.
@@ -306,6 +306,7 @@ class InternVL(Arch):
     name, description = "internvl", "InternViT + pixel shuffle + MLP + Qwen2"
     model_class = T.InternVLForConditionalGeneration
     merge = 2
+    framed = True
 
     def config(self, tok):
         d = self.dims
@@ -323,14 +324,12 @@ class InternVL(Arch):
             downsample_ratio=1.0 / self.merge,
         )
 
-    def image_token_ids(self, tok):
-        return _ids(tok, tk.IMAGE_START) + _ids(tok, tk.IMAGE) * self.n_image_tokens + _ids(tok, tk.IMAGE_END)
-
 
 class Gemma3(Arch):
     name, description = "gemma3", "SigLIP ViT + average pooling + Gemma 3"
     model_class = T.Gemma3ForConditionalGeneration
     merge = 2  # average-pool kernel: mm_tokens_per_image = (grid / 2)^2
+    framed = True
 
     def config(self, tok):
         d = self.dims
@@ -342,9 +341,6 @@ class Gemma3(Arch):
             eoi_token_index=_ids(tok, tk.IMAGE_END)[0],
             mm_tokens_per_image=self.n_image_tokens,
         )
-
-    def image_token_ids(self, tok):
-        return _ids(tok, tk.IMAGE_START) + _ids(tok, tk.IMAGE) * self.n_image_tokens + _ids(tok, tk.IMAGE_END)
 
     def build(self, tok, seed=0):
         model = super().build(tok, seed)
@@ -400,6 +396,7 @@ class Lfm2VL(Arch):
     name, description = "lfm2_vl", "SigLIP2 NaFlex ViT + pixel unshuffle + LFM2"
     model_class = T.Lfm2VlForConditionalGeneration
     merge = 2
+    framed = True
 
     def config(self, tok):
         d = self.dims
@@ -419,9 +416,6 @@ class Lfm2VL(Arch):
             downsample_factor=self.merge,
             projector_hidden_size=d.hidden,
         )
-
-    def image_token_ids(self, tok):
-        return _ids(tok, tk.IMAGE_START) + _ids(tok, tk.IMAGE) * self.n_image_tokens + _ids(tok, tk.IMAGE_END)
 
     def pixel_inputs(self, images):
         """NaFlex layout: (B, gh * gw, 3 * p * p) patches in row-major order, channels last in a patch."""
