@@ -54,6 +54,11 @@ def _pct(v: float) -> str:
     return "n/a" if v is None or not np.isfinite(v) else f"{v:+.1f}%"
 
 
+def _beat_cells(r: pd.Series) -> list[str]:
+    """ "k/n" per construction: runs beating the baseline out of runs with the score."""
+    return [f"{int(r[f'beat_{c}'])}/{int(r[f'n_{c}'])}" for c in CONSTRUCTIONS]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -254,8 +259,7 @@ def write_results(
             _fmt(r["majority"]),
             _fmt(r["blind"]),
             _fmt(r["worst_run"]),
-            f"{int(r['beat_IMAX'])}/{int(r['n_IMAX'])}",
-            f"{int(r['beat_DMAX'])}/{int(r['n_DMAX'])}",
+            *_beat_cells(r),
         ]
         for t, r in tt.iterrows()
     ]
@@ -293,8 +297,7 @@ def write_results(
                 _fmt(r["DMAX_shifted"]),
                 _fmt(r["majority_home"]),
                 _fmt(r["majority_shifted"]),
-                f"{int(r['beat_IMAX'])}/{int(r['n_IMAX'])}",
-                f"{int(r['beat_DMAX'])}/{int(r['n_DMAX'])}",
+                *_beat_cells(r),
             ]
             for t, r in st.iterrows()
         ]
