@@ -44,7 +44,7 @@ from scipy import stats
 from dynamics.analysis._columns import feature_columns, require_columns
 from dynamics.analysis._guards import MIN_N, warn_notes
 from dynamics.analysis.multiple_testing import adjust_pvalues
-from dynamics.analysis.resampling import bootstrap_ci
+from dynamics.analysis.resampling import bootstrap_ci, stream
 
 __all__ = ["compare", "paired_rank_biserial"]
 
@@ -204,7 +204,8 @@ def compare(
             pair of values, in sorted order.
         features: feature columns or glob patterns (default: all feature columns).
         n_boot: bootstrap resamples for the CI of ``diff`` (0 skips the CI).
-        seed: seed of the bootstrap's random generator.
+        seed: seed of the bootstrap's random generator (each feature and group pair draws from
+            its own stream, so its CI does not depend on the other features tested).
         confidence: CI level. min_n: fewest observations for which p-values are reported.
 
     Returns:
@@ -232,7 +233,6 @@ def compare(
     cols = feature_columns(feats, features)
     if not cols:
         raise ValueError("no feature columns to compare; pass features=[...] naming numeric columns")
-    rng = np.random.default_rng(seed)
     rows = []
     for a_level, b_level in _group_pairs(feats, by, groups):
         in_a = (feats[by] == a_level).to_numpy()
@@ -252,6 +252,7 @@ def compare(
             shared = cell_a.index.intersection(cell_b.index)
         for j, col in enumerate(cols):
             row = _row(col, a_level, b_level)
+            rng = stream(seed, col, a_level, b_level)
             a_all = values[in_a, j]
             b_all = values[in_b, j]
             a_all, b_all = a_all[np.isfinite(a_all)], b_all[np.isfinite(b_all)]

@@ -33,7 +33,13 @@ from dynamics.analysis._columns import feature_columns, require_columns
 from dynamics.analysis._guards import MIN_N, warn_notes
 from dynamics.analysis.mixed import mixed_model
 from dynamics.analysis.multiple_testing import adjust_pvalues
-from dynamics.analysis.resampling import CORRELATIONS, bootstrap_ci, permutation_pvalue, resample_batch
+from dynamics.analysis.resampling import (
+    CORRELATIONS,
+    bootstrap_ci,
+    permutation_pvalue,
+    resample_batch,
+    stream,
+)
 
 __all__ = ["correlate", "partial_correlation"]
 
@@ -103,7 +109,8 @@ def correlate(
         features: feature columns or glob patterns (default: all feature columns).
         control: tag(s) to partial out (adds ``partial_r``, ``partial_p``, ``partial_df``).
         n_boot, n_perm: bootstrap and permutation resamples (0 skips them).
-        seed: seed of the random generator. confidence: CI level.
+        seed: seed of the random generators (one stream per feature, so a feature's CI and
+            permutation p do not depend on the other features tested). confidence: CI level.
         min_n: fewest runs for which p-values and CIs are reported (else NaN and a note).
         mixed_group: a tag for the mixed model ``target ~ feature + (1 | group)`` (adds
             ``mixed_coef``, ``mixed_se``, ``mixed_p``, ``mixed_converged``).
@@ -139,13 +146,13 @@ def correlate(
     if not cols:
         raise ValueError("no feature columns to correlate; pass features=[...] naming numeric columns")
     stat = CORRELATIONS[method]
-    rng = np.random.default_rng(seed)
     y_all = pd.to_numeric(feats[target], errors="coerce").to_numpy(dtype=float)
     ctrl_ok = (
         feats[control_cols].notna().all(axis=1).to_numpy() if control_cols else np.ones(len(feats), bool)
     )
     rows = []
     for col in cols:
+        rng = stream(seed, col, target)
         x_all = pd.to_numeric(feats[col], errors="coerce").to_numpy(dtype=float)
         ok = np.isfinite(x_all) & np.isfinite(y_all)
         x, y = x_all[ok], y_all[ok]

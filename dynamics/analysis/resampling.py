@@ -13,6 +13,7 @@ evaluated as one array operation:
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -26,7 +27,18 @@ __all__ = [
     "bootstrap_ci",
     "permutation_pvalue",
     "resample_batch",
+    "stream",
 ]
+
+
+def stream(seed: int, *keys: str) -> np.random.Generator:
+    """A generator for one test, seeded by ``seed`` and the test's names (feature, groups, ...).
+
+    One generator per test, rather than one shared by a loop over features, keeps a feature's
+    bootstrap CI and permutation p-value the same whichever other features are tested with it.
+    ``zlib.crc32`` rather than ``hash()`` because Python salts string hashes per process.
+    """
+    return np.random.default_rng([int(seed), *(zlib.crc32(str(k).encode()) for k in keys)])
 
 
 def pearson_r(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -11,6 +11,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from dynamics.analysis import compare
+from dynamics.analysis.resampling import stream
 
 
 def paired_frame(rng, n_pairs, effects, groups=("DMAX", "IMAX")):
@@ -48,15 +49,27 @@ def test_paired_statistics_equal_direct_scipy_calls():
         ranks = stats.rankdata(np.abs(d))
         assert row["rank_biserial"] == pytest.approx((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
         assert np.isnan(row["cohens_d"])
-    # The first feature's CI is scipy's bootstrap with the same seed.
+    # The first feature's CI is scipy's bootstrap with that feature's stream of the same seed.
     d0 = feats.loc[9:, "f0/all/mean"].to_numpy() - feats.loc[:8, "f0/all/mean"].to_numpy()
-    ref = stats.bootstrap((d0,), np.mean, n_resamples=500, rng=np.random.default_rng(7)).confidence_interval
+    gen = stream(7, "f0/all/mean", "DMAX", "IMAX")
+    ref = stats.bootstrap((d0,), np.mean, n_resamples=500, rng=gen).confidence_interval
     assert res.loc[0, "diff_ci_low"] == pytest.approx(ref.low) and res.loc[
         0, "diff_ci_high"
     ] == pytest.approx(ref.high)
     np.testing.assert_allclose(res["p_holm"], multipletests(res["p_value"], method="holm")[1])
     np.testing.assert_allclose(res["p_bh"], multipletests(res["p_value"], method="fdr_bh")[1])
     np.testing.assert_allclose(res["p_t_holm"], multipletests(res["p_t"], method="holm")[1])
+
+
+def test_a_features_ci_does_not_depend_on_the_other_features_tested():
+    feats = paired_frame(np.random.default_rng(3), 10, [0.3, 0.1, 0.0])
+    kw = dict(by="construction", pair_on="model", groups=("DMAX", "IMAX"), n_boot=400, seed=1)
+    alone = compare(feats, features=["f2/all/mean"], **kw).set_index("feature")
+    among = compare(feats, features=["f0/all/mean", "f1/all/mean", "f2/all/mean"], **kw).set_index("feature")
+    cols = ["diff", "diff_ci_low", "diff_ci_high", "p_value"]
+    pd.testing.assert_series_equal(alone.loc["f2/all/mean", cols], among.loc["f2/all/mean", cols])
+    other_seed = compare(feats, features=["f2/all/mean"], **{**kw, "seed": 2}).set_index("feature")
+    assert other_seed.loc["f2/all/mean", "diff_ci_low"] != alone.loc["f2/all/mean", "diff_ci_low"]
 
 
 def test_unpaired_statistics_equal_direct_scipy_calls():
@@ -77,7 +90,10 @@ def test_unpaired_statistics_equal_direct_scipy_calls():
     assert row["rank_biserial"] == pytest.approx(greater)
     assert row["median_diff"] == pytest.approx(np.median(b) - np.median(a))
     ref = stats.bootstrap(
-        (a, b), lambda x, y, axis: y.mean(axis) - x.mean(axis), n_resamples=300, rng=np.random.default_rng(3)
+        (a, b),
+        lambda x, y, axis: y.mean(axis) - x.mean(axis),
+        n_resamples=300,
+        rng=stream(3, "x/all/mean", "A", "B"),
     ).confidence_interval
     assert row["diff_ci_low"] == pytest.approx(ref.low) and row["diff_ci_high"] == pytest.approx(ref.high)
 

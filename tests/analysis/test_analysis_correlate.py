@@ -10,7 +10,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from dynamics.analysis import correlate, mixed_model, partial_correlation
-from dynamics.analysis.resampling import kendall_tau_b, pearson_r, spearman_r
+from dynamics.analysis.resampling import kendall_tau_b, pearson_r, spearman_r, stream
 
 SCIPY = {"spearman": stats.spearmanr, "pearson": stats.pearsonr, "kendall": stats.kendalltau}
 
@@ -38,8 +38,8 @@ def test_r_p_ci_and_permutation_p_equal_direct_scipy_calls(method):
     row = res.iloc[0]
     assert row["n"] == 25
     assert row["r"] == pytest.approx(ref.statistic) and row["p_value"] == pytest.approx(ref.pvalue)
-    # Same generator, same order of use: bootstrap first, then the permutation test.
-    gen = np.random.default_rng(11)
+    # The feature's own stream of the seed, in the same order of use: bootstrap, then permutations.
+    gen = stream(11, "f0/all/mean", "multitask_score")
 
     def stat(a, b, axis=-1):
         return np.apply_along_axis(
@@ -60,6 +60,15 @@ def test_r_p_ci_and_permutation_p_equal_direct_scipy_calls(method):
     assert row["p_perm"] == pytest.approx(perm.pvalue)
     np.testing.assert_allclose(res["p_holm"], multipletests(res["p_value"], method="holm")[1])
     np.testing.assert_allclose(res["p_bh"], multipletests(res["p_value"], method="fdr_bh")[1])
+
+
+def test_a_features_ci_and_permutation_p_do_not_depend_on_the_other_features():
+    feats = frame(np.random.default_rng(5), 20, [0.5, 0.2, 0.4])
+    kw = dict(n_boot=300, n_perm=300, seed=4)
+    alone = correlate(feats, features=["f2/all/mean"], **kw).set_index("feature")
+    among = correlate(feats, **kw).set_index("feature")
+    cols = ["r", "ci_low", "ci_high", "p_perm"]
+    pd.testing.assert_series_equal(alone.loc["f2/all/mean", cols], among.loc["f2/all/mean", cols])
 
 
 def test_vectorised_correlations_equal_scipy_with_ties_and_batches():
