@@ -45,7 +45,7 @@ from dynamics.analysis.series import (
 if TYPE_CHECKING:  # pragma: no cover
     from dynamics.store.reader import RunSet
 
-__all__ = ["features", "stat_names"]
+__all__ = ["features", "score_labels", "stat_names"]
 
 CURVATURE_NAMES = ("loss", "train_loss")
 _SHORT_RUN = 0.9  # a run ending before this fraction of the longest run's steps gets a warning
@@ -298,10 +298,16 @@ def _widen(
     return pd.DataFrame(data, index=run_ids, columns=columns)
 
 
+def score_labels(scores: pd.DataFrame) -> pd.Series:
+    """The feature-frame column of each stored score: ``score/<task>/<metric>``, where the
+    run-level scores (task ``""``) are ``score/all/<metric>``."""
+    return "score/" + scores["task"].astype(str).replace("", "all") + "/" + scores["metric"].astype(str)
+
+
 def _score_columns(scores: pd.DataFrame, run_ids: pd.Index) -> tuple[pd.DataFrame, list[str]]:
     if scores is None or scores.empty:
         return pd.DataFrame(index=run_ids), []
-    label = "score/" + scores["task"].astype(str).replace("", "all") + "/" + scores["metric"].astype(str)
+    label = score_labels(scores)
     wide = (
         pd.DataFrame({"run_id": scores["run_id"].astype(str), "col": label, "value": scores["value"]})
         .pivot_table(index="run_id", columns="col", values="value", aggfunc="last", dropna=False)

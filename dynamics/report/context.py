@@ -157,9 +157,9 @@ def _task_union(runset: RunSet) -> list[str]:
 
 
 def _score_columns(runset: RunSet) -> list[str]:
-    # Spelled as features() names them: the run-level scores (task "") are "score/all/<metric>".
-    s = runset.scores
-    return sorted({f"score/{t or 'all'}/{m}" for t, m in zip(s["task"], s["metric"], strict=True)})
+    from dynamics.analysis.features import score_labels
+
+    return sorted(set(score_labels(runset.scores)))
 
 
 def _check_target(runset: RunSet, target: str) -> None:
