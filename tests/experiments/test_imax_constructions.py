@@ -81,6 +81,9 @@ def test_home_mask_marks_each_tasks_dmax_source(bundle):
         assert 1 <= sum(home) <= 20 // len(TASK_NAMES) + 1  # balanced sources: about 1/7 at home
     subset = ev.entries[::3]
     assert ev.home_mask(subset) == mask[::3]
+    split = ev.source_split()
+    assert split["home"] == [i for i, m in enumerate(mask) if m]
+    assert sorted(split["home"] + split["shifted"]) == list(range(len(ev.entries)))
 
 
 def test_builder_is_deterministic_in_its_seed():

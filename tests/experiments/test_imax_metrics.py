@@ -152,8 +152,8 @@ def test_split_scores_by_hand():
         _e("calculation", "ctr", "0.52", 0.52),
     ]
     preds = ["no", "no", "yes", "0.42", "0.52"]
-    home = [True, False, False, True, True]
-    sp = split_scores(es, preds, home)
+    split = {"home": [0, 3, 4], "shifted": [1, 2]}
+    sp = split_scores(es, preds, split)
     assert sp["vqa"] == {"score_home": 1.0, "score_shifted": 0.0}
     # CTR at home: MAE (0.02 + 0) / 2 = 0.01 -> score 1 - 0.01 / 0.1 = 0.9; no shifted CTR entries.
     assert sp["calculation"] == {"score_home": pytest.approx(0.9)}

@@ -87,6 +87,15 @@ class Construction:
         es = self.entries if entries is None else entries
         return [self.images[e.image_id].source == home_source(e.task) for e in es]
 
+    def source_split(self, entries: list[Entry] | None = None) -> dict[str, list[int]]:
+        """``{"home": indices, "shifted": indices}`` into ``entries`` (default: this construction's),
+        by ``home_mask``: the split that evaluation scores and baselines are both computed on."""
+        mask = self.home_mask(entries)
+        return {
+            "home": [i for i, h in enumerate(mask) if h],
+            "shifted": [i for i, h in enumerate(mask) if not h],
+        }
+
     def stats(self) -> dict:
         """Densities and per-task counts: tasks/image, entries/image, entries and images per task."""
         n_img = len(self.images)

@@ -5,7 +5,7 @@ Entries are generated task by task in left-padded batches with ``model.generate`
 special tokens and scored by ``metrics.score_entries``. The multi-task score is added as the
 global entry ``scores[""]["multitask_score"]``.
 
-Each task's normalised score is also split by source (``SPLIT_METRICS``): ``score_home`` on the
+Each task's normalised score is also split by source (``Construction.source_split``): ``score_home`` on the
 evaluation images from the task's home source (the one DMAX trains that task on) and
 ``score_shifted`` on the others. A DMAX model that learned a task but not across sources is high
 on the first and low on the second; an IMAX model, which sees every source, should be level.
@@ -77,21 +77,18 @@ def generate_answers(
     return [o if o is not None else "" for o in out]
 
 
-SPLIT_METRICS = {"score_home": True, "score_shifted": False}
+def split_scores(entries, predictions, split: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """``{task: {"score_home": s, "score_shifted": s}}``, each the task's ``score`` on that part of
+    ``split`` (``Construction.source_split``: part name -> indices into ``entries``).
 
-
-def split_scores(entries, predictions, home: list[bool]) -> dict[str, dict[str, float]]:
-    """``{task: {"score_home": s, "score_shifted": s}}``, each the task's ``score`` on that subset.
-
-    A subset with no entries of a task (e.g. ``eval_sources="home"`` has no shifted images) is
+    A part with no entries of a task (e.g. ``eval_sources="home"`` has no shifted images) is
     left out rather than reported as a number.
     """
     out: dict[str, dict[str, float]] = {}
-    for name, flag in SPLIT_METRICS.items():
-        idx = [i for i, h in enumerate(home) if h is flag]
+    for part, idx in split.items():
         sub = score_entries([entries[i] for i in idx], [predictions[i] for i in idx])
         for task, m in sub.items():
-            out.setdefault(task, {})[name] = m["score"]
+            out.setdefault(task, {})[f"score_{part}"] = m["score"]
     return out
 
 
@@ -112,7 +109,7 @@ def evaluate_model(
     preds = generate_answers(model, arch, tok, dataset, batch_size=batch_size, progress=progress)
     scores = score_entries(dataset.entries, preds)
     scores[""] = {"multitask_score": multitask_score(scores)}
-    home = dataset.construction.home_mask(dataset.entries)
-    for task, m in split_scores(dataset.entries, preds, home).items():
+    split = dataset.construction.source_split(dataset.entries)
+    for task, m in split_scores(dataset.entries, preds, split).items():
         scores[task].update(m)
     return scores, preds

@@ -166,11 +166,9 @@ def reproduce(
     data = {"IMAX": bundle.imax.stats(), "DMAX": bundle.dmax.stats(), "eval": bundle.eval.stats()}
     (out / "data.json").write_text(json.dumps(data, indent=2) + "\n")
     baselines = {k: baseline_scores(bundle.eval.entries, k) for k in ("majority", "blind")}
-    # The majority baseline of each source split (see evaluate.split_scores), on that split itself.
-    home = bundle.eval.home_mask()
-    for name, flag in (("majority_home", True), ("majority_shifted", False)):
-        split = [e for e, h in zip(bundle.eval.entries, home, strict=True) if h is flag]
-        baselines[name] = baseline_scores(split, "majority")
+    # The majority baseline of each part of the source split, on that part itself (as the scores).
+    for part, idx in bundle.eval.source_split().items():
+        baselines[f"majority_{part}"] = baseline_scores([bundle.eval.entries[i] for i in idx], "majority")
     (out / "baselines.json").write_text(json.dumps(baselines, indent=2) + "\n")
 
     plan = [(m, c, s) for m in p.models for s in p.seeds for c in CONSTRUCTIONS]
@@ -212,37 +210,24 @@ def analyse(
     from dynamics import load_runs
     from dynamics.experiments.imax_dmax.figures import draw_all
     from dynamics.experiments.imax_dmax.results import run_scores, write_results
+    from dynamics.report import build_report
 
     runset = load_runs([str(d) for d in run_dirs])
     per_run = run_scores(runset)
     figs = draw_all(runset, per_run, baselines, out / "figures")
     write_results(out, runset, preset.to_json(), data, baselines, [str(f.relative_to(out)) for f in figs])
-    try:
-        from dynamics.report import build_report
-    except ImportError:  # pragma: no cover - the report ships with the package
-        build_report = None
-    if build_report is not None:
-        # The target is the stored overall score (the mean of the seven normalised task scores),
-        # spelled as features() names it; "multitask_score" (the analysis layer's own average of
-        # every stored metric) is the fallback for a report layer that does not accept it.
-        last: Exception | None = None
-        for target in ("score/all/multitask_score", "multitask_score"):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    build_report(
-                        [str(d) for d in run_dirs],
-                        out / "report.pdf",
-                        group="construction",
-                        pair=["model", "seed"],
-                        target=target,
-                        figures_dir=out / "figures" / "report",
-                        title=f"IMAX vs DMAX ({preset.name} preset)",
-                        progress=progress,
-                    )
-                break
-            except ValueError as err:
-                last = err
-        else:
-            raise RuntimeError(f"the report could not be built: {last}") from last
+    # The target is the stored overall score (the mean of the seven normalised task scores),
+    # spelled as features() names it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_report(
+            runset,  # already loaded: the report reads the same stores
+            out / "report.pdf",
+            group="construction",
+            pair=["model", "seed"],
+            target="score/all/multitask_score",
+            figures_dir=out / "figures" / "report",
+            title=f"IMAX vs DMAX ({preset.name} preset)",
+            progress=progress,
+        )
     return out / "results.md"
