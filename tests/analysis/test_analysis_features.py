@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from analysis_synthetic import long_metrics, make_runset
+from tests.analysis.analysis_synthetic import long_metrics, make_runset
 from scipy import integrate, stats
 
 from dynamics import RunWriter, load_runs

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from analysis_synthetic import make_runset
+from tests.analysis.analysis_synthetic import make_runset
 
 from dynamics.analysis import compare, correlate, delta_m, features
 

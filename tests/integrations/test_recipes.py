@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,7 @@ HOOKS = Path(__file__).resolve().parents[2] / "hooks"
 
 
 def _main(name: str):
-    sys.path.insert(0, str(HOOKS))
-    try:
-        return runpy.run_path(str(HOOKS / f"{name}.py"))["main"]
-    finally:
-        sys.path.remove(str(HOOKS))
+    return runpy.run_path(str(HOOKS / f"{name}.py"))["main"]
 
 
 def test_hf_trainer_recipe(tmp_path):

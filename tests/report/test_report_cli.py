@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pdf_tools import needs_poppler, page_count
+from tests.report.pdf_tools import needs_poppler, page_count
 from rich.console import Console
-from synthetic_runs import write_runs
+from tests.report.synthetic_runs import write_runs
 from typer.testing import CliRunner
 
 from dynamics.cli import app

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from pdf_tools import needs_poppler, page_count, page_text, render, squash
-from synthetic_runs import write_run, write_runs
+from tests.report.pdf_tools import needs_poppler, page_count, page_text, render, squash
+from tests.report.synthetic_runs import write_run, write_runs
 
 from dynamics import load_runs
 from dynamics.report import PAGES, build_report

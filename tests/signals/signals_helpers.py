@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tiny_models as tm
+from tests import tiny_models as tm
 import torch
 
 FAMILIES = ["mlp", "cnn", "llama_untied", "llama_tied", "llava", "lora_llama"]

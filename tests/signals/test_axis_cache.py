@@ -10,9 +10,9 @@ import weakref
 
 import numpy as np
 import pytest
-import tiny_models as tm
+from tests import tiny_models as tm
 import torch
-from reference import ref_grads
+from tests.reference import ref_grads
 
 import dynamics.signals.capture as capture_mod
 from dynamics import probe

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import ref_grads, ref_signals
-from signals_helpers import build
+from tests.reference import ref_grads, ref_signals
+from tests.signals.signals_helpers import build
 
 from dynamics import probe
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny_models as tm
+from tests import tiny_models as tm
 import torch
-from reference import ref_grads
+from tests.reference import ref_grads
 from torch import nn
 
 from dynamics import probe

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import ref_hessian
-from signals_helpers import build
+from tests.reference import ref_hessian
+from tests.signals.signals_helpers import build
 from torch import nn
 from torch.autograd.function import once_differentiable
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from signals_helpers import build
+from tests.signals.signals_helpers import build
 
 from dynamics import probe
 from dynamics.signals.losses import causal_lm_losses, per_example_losses

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import ref_grads, ref_signals
-from signals_helpers import FAMILIES, build, chosen_params
+from tests.reference import ref_grads, ref_signals
+from tests.signals.signals_helpers import FAMILIES, build, chosen_params
 
 from dynamics import probe
 

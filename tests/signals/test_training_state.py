@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import ref_grads, ref_signals
-from signals_helpers import build
+from tests.reference import ref_grads, ref_signals
+from tests.signals.signals_helpers import build
 from torch import nn
 
 from dynamics import probe

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import ref_grads
+from tests.reference import ref_grads
 
 from dynamics import probe
 from dynamics.experiments.imax_dmax.constructions import build_bundle
