@@ -7,8 +7,11 @@
 What is computed (formulas in the docstrings of :mod:`dynamics.signals`):
 
 * per-example losses ``l_i`` and gradients ``g_i = grad l_i`` over the chosen parameters
-  (:mod:`~dynamics.signals.losses`: for a causal LM, ``l_i`` is the mean over the example's
-  supervised tokens, token weighting as transformers' ``ForCausalLMLoss``);
+  (:mod:`~dynamics.signals.losses`, the same definition the training-side loss meter uses: for the
+  token kinds ``l_i`` is the mean over the example's supervised tokens, token weighting as
+  transformers' losses; labels of -100 weigh 0 for every kind). The model gets what it needs from
+  a Trainer-style batch: labels are withheld, an encoder-decoder model gets its decoder inputs
+  built from the labels;
 * ``K = G G^T`` (n x n, :mod:`~dynamics.signals.gram`), in one forward and two backward passes
   (the second verifies which rows of each layer belong to which example; later probes of the same
   batch reuse its verdicts, :mod:`~dynamics.signals.axis_cache`, and need one backward pass);
@@ -21,11 +24,17 @@ A probe never changes training: gradients come from ``torch.autograd.grad`` (``p
 touched), the model runs in eval mode (dropout off, batch-norm on running statistics, so no buffer
 changes) and every module's train/eval flag is restored afterwards, and the global RNG state is
 restored, so later dropout masks are the same as without the probe.
+
+Degenerate batches never produce data: a probe batch without any supervised label, or with a
+non-finite loss or gradient, raises :class:`DegenerateProbeError` (a ``ValueError``) before any
+value exists; one with a single supervised example warns once (:class:`DegenerateProbeWarning`)
+and leaves the spectrum summaries and the noise scale NaN, so they produce no rows.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -41,9 +50,17 @@ from dynamics.signals.gram import METHODS, compute_gram
 from dynamics.signals.hessian import hessian_top_eigenvalue
 from dynamics.signals.losses import LossSpec, per_example_losses
 from dynamics.signals.noise_scale import noise_scale
-from dynamics.signals.spectrum import fisher_spectrum
+from dynamics.signals.spectrum import FisherSpectrum, fisher_spectrum
 
 Row = tuple[int, str, str, str, float]
+
+
+class DegenerateProbeError(ValueError):
+    """The probe batch cannot give any signal: no supervised label, or a non-finite loss or gradient."""
+
+
+class DegenerateProbeWarning(UserWarning):
+    """The probe batch gives only some signals (one supervised example): the others are NaN, not logged."""
 
 
 @dataclass
@@ -148,12 +165,13 @@ def _resolve_params(model: nn.Module, params: Any) -> list[tuple[str, Tensor]]:
     for name, p in model.named_parameters():
         names.setdefault(id(p), name)
     if params is None:
-        chosen = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        chosen: list[tuple[str, Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not chosen:
             raise ValueError("the model has no parameter with requires_grad=True; pass params=... explicitly")
         return chosen
     items = list(params.values()) if isinstance(params, Mapping) else list(params)
-    out, seen = [], set()
+    out: list[tuple[str, Tensor]] = []
+    seen: set[int] = set()
     for p in items:
         if not isinstance(p, Tensor):
             raise TypeError(f"params must hold tensors (nn.Parameter), got {type(p).__name__}")
@@ -207,6 +225,60 @@ def _probe_mode(model: nn.Module, device: torch.device):
                 m.training = flag
 
 
+def _few(index: Tensor) -> str:
+    shown = index.flatten().tolist()
+    return ", ".join(map(str, shown[:8])) + (f" (and {len(shown) - 8} more)" if len(shown) > 8 else "")
+
+
+def _check_losses(losses: Tensor, weights: Tensor) -> None:
+    """Refuse a batch that gives no signal at all, before any gradient is taken (nothing is logged)."""
+    n = losses.shape[0]
+    bad = ~torch.isfinite(losses.detach())
+    if bad.any():
+        raise DegenerateProbeError(
+            f"the probe loss is not finite (NaN or inf) for example(s) {_few(bad.nonzero())} of {n}, so no signal "
+            "of this probe batch is computed or logged. Look for NaN / inf inputs or weights, a float16 overflow, "
+            "or a user loss that divides by an empty count."
+        )
+    w = weights.detach()
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise DegenerateProbeError("the per-example loss weights must be finite and >= 0")
+    if not (w > 0).any():
+        raise DegenerateProbeError(
+            f"no example of the probe batch ({n} examples) has a supervised label: every label is -100 (or every "
+            "loss weight is 0), so there is no loss to differentiate and nothing is logged. Probe examples that "
+            "carry targets (e.g. a max_length long enough to keep the completion)."
+        )
+
+
+def _check_gram(gram: Tensor) -> None:
+    """Refuse non-finite per-example gradients (the losses were finite: an overflow in the backward)."""
+    bad = ~torch.isfinite(gram.detach()).all(dim=1)
+    if bad.any():
+        raise DegenerateProbeError(
+            f"the per-example gradient is not finite (NaN or inf) for example(s) {_few(bad.nonzero())} of "
+            f"{gram.shape[0]} although their losses are finite (an overflow in the backward pass, or NaN / inf "
+            "parameters), so no signal of this probe batch is logged. Probe in float32 or check the parameters."
+        )
+
+
+def _one_supervised_example(weights: Tensor) -> bool:
+    """Fewer than two examples carry weight: say so once; the caller blanks what needs two or more."""
+    supervised = int((weights > 0).sum())
+    if supervised >= 2:
+        return False
+    n = weights.shape[0]
+    which = "one example" if n == 1 else f"only one example with a supervised label (of {n})"
+    warnings.warn(
+        f"dynamics: the probe batch has {which}. The Fisher spectrum summaries (fisher_se, fisher_rho, "
+        "fisher_eff_rank) and the noise scale need two or more examples, so they are NaN and not logged; "
+        "probe_loss, grad_norm and fisher_trace are. Probe a batch of several examples (probe_size).",
+        DegenerateProbeWarning,
+        stacklevel=3,
+    )
+    return True
+
+
 def _task_names(task_ids: Tensor, tasks: Sequence[str] | None) -> list[str]:
     top = int(task_ids.max()) + 1 if task_ids.numel() else 0
     if tasks is None:
@@ -239,13 +311,17 @@ def probe(
     Args:
         model: any ``nn.Module`` whose examples do not interact in eval mode (batch rows are
             examples); Hugging Face models, PEFT models and plain modules alike.
-        batch: a dict of model inputs (with ``labels`` for the built-in losses), an
-            ``(inputs, labels)`` pair, or a tensor (callable loss only).
+        batch: a dict of model inputs (with ``labels`` for the built-in losses), as the Trainer's
+            collator builds it, an ``(inputs, labels)`` pair, or a tensor (callable loss only).
         task_ids: (n,) integers indexing ``tasks``.
         tasks: task names; default ``"0" .. "T-1"`` with ``T = max(task_ids) + 1``.
-        loss: ``"auto"`` (causal LM when logits are (n, T, V) and labels (n, T); classification
-            when labels are (n,)), ``"causal_lm"``, ``"classification"``, or a callable
-            ``loss_fn(model, batch) -> (n,)`` per-example losses (optionally ``(losses, token_counts)``).
+        loss: ``"auto"`` (from the model's class and config:
+            :func:`~dynamics.signals.losses.resolve_loss_kind`), a kind of
+            :data:`~dynamics.signals.losses.LOSS_KINDS` (``"causal_lm"``, ``"token"``,
+            ``"classification"``, ``"multilabel"``, ``"regression"``), a
+            :class:`~dynamics.signals.losses.LogitsLoss` (``fn(logits, labels)``, the form the
+            training side accepts too), or a callable ``loss_fn(model, batch) -> (n,)`` per-example
+            losses (optionally ``(losses, weights)``, e.g. token counts) that runs the model itself.
         params: parameters to probe; default every parameter with ``requires_grad`` (so only the
             adapters of a PEFT model).
         method: ``"auto"`` (fast path, exact fallback where needed), ``"ghost"`` / ``"materialize"``
@@ -260,6 +336,12 @@ def probe(
             (compared by value), parameters and loss, which skips the check's backward pass
             (:mod:`~dynamics.signals.axis_cache` says why that is safe and when it is not);
             False verifies on every call.
+
+    Raises:
+        DegenerateProbeError: no supervised label in the batch, or a non-finite loss or gradient.
+
+    Warns:
+        DegenerateProbeWarning: only one example carries a supervised label.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -288,6 +370,7 @@ def probe(
                 f"the loss gives {tuple(pel.losses.shape)} per-example values but task_ids has n = {n}; "
                 "one task id per example is needed"
             )
+        _check_losses(pel.losses, pel.weights)
         memo = memo_for(model, batch, plist, loss) if cache_checks and cap is not None else None
         gr = compute_gram(
             pel.losses,
@@ -298,6 +381,7 @@ def probe(
             memo,
             lambda: per_example_losses(model, batch, loss).losses,
         )
+        _check_gram(gr.gram)
         losses = pel.losses.detach().to(torch.float64).cpu()
         weights = pel.weights.detach().cpu()
         kind = pel.kind
@@ -314,11 +398,15 @@ def probe(
     W, present = task_weights(task_ids, weights, len(names))
     geo = task_geometry(gr.gram, W, present)
     spec = fisher_spectrum(gr.gram, gr.eps)
+    b_simple = noise_scale(gr.gram).b_simple
+    if _one_supervised_example(weights):
+        spec = FisherSpectrum(spec.eigvals, spec.trace, math.nan, math.nan, math.nan)
+        b_simple = math.nan
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     onehot = torch.zeros(len(names), n, dtype=torch.float64)
     onehot[task_ids.cpu(), torch.arange(n)] = 1.0
     dcos = None
-    if dir_map is not None:
+    if dir_map is not None and gr.example_dots is not None:
         dnorm = math.sqrt(sum(float((d.double() ** 2).sum()) for d in dir_map.values()))
         dcos = direction_cosine(gr.example_dots, dnorm, W, geo.grad_norm)
     coverage = {k: [pname[i] for i in v] for k, v in gr.paths.items()}
@@ -338,7 +426,7 @@ def probe(
         fisher_se=spec.se,
         fisher_rho=spec.rho,
         fisher_eff_rank=spec.eff_rank,
-        noise_scale=noise_scale(gr.gram).b_simple,
+        noise_scale=b_simple,
         missing_tasks=[t for t, ok in zip(names, present.tolist(), strict=True) if not ok],
         loss_kind=kind,
         hessian_top=hess,

@@ -28,7 +28,6 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dynamics.integrations import distributed as dist_utils
-from dynamics.integrations.per_task_loss import LossSpec
 from dynamics.integrations.probe_batch import build_probe_batch
 from dynamics.integrations.recorder import (
     DEFAULT_PROBE_EVERY,
@@ -38,6 +37,7 @@ from dynamics.integrations.recorder import (
     parse_eval_metrics,
 )
 from dynamics.integrations.task_ids import TASK_IDS_KEY
+from dynamics.signals.losses import LossSpec
 
 __all__ = ["DynamicsCallback", "attach"]
 

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynamics.integrations.per_task_loss import LossSpec
 from dynamics.integrations.probe_batch import build_probe_batch
 from dynamics.integrations.recorder import (
     DEFAULT_PROBE_EVERY,
@@ -35,6 +34,7 @@ from dynamics.integrations.recorder import (
     DEFAULT_SYNC_EVERY,
     Recorder,
 )
+from dynamics.signals.losses import LossSpec
 
 __all__ = ["LoopRecorder"]
 

@@ -4,7 +4,7 @@ One :class:`Recorder` serves the HF Trainer callback and the plain-loop API alik
 optimizer step ``s`` (1-based, the Trainer's ``global_step`` after the update):
 
 1. every training forward hands ``(task_ids, labels, logits)`` to :meth:`Recorder.observe`, which
-   computes the per-example ``(S_i, N_i)`` (see :mod:`per_task_loss`) and queues them with the
+   computes the per-example ``(S_i, N_i)`` (see :mod:`dynamics.signals.losses`) and queues them with the
    task ids, on the device; nothing is reduced or copied to the host per micro-batch;
 2. :meth:`Recorder.before_update` / :meth:`Recorder.after_update` bracket ``optimizer.step()``; on
    probe steps (``s % probe_every == 0``) they run the probe at the parameters the update was
@@ -48,15 +48,10 @@ import torch
 from torch import nn
 
 from dynamics.integrations import distributed as dist_utils
-from dynamics.integrations.per_task_loss import (
-    LossSpec,
-    extract_logits,
-    infer_loss_kind,
-    per_example_loss,
-    task_sums,
-)
+from dynamics.integrations.loss_meter import task_sums
 from dynamics.integrations.probe_batch import split_task_ids, to_device
 from dynamics.integrations.task_ids import TASK_IDS_KEY, TaskIdHook
+from dynamics.signals.losses import LossSpec, extract_logits, per_example_loss, resolve_loss_kind
 from dynamics.store.schema import tb_tag
 
 __all__ = ["DEFAULT_PROBE_EVERY", "DEFAULT_PROBE_SIZE", "DynamicsWarning", "Recorder"]
@@ -109,7 +104,7 @@ class Recorder:
         meta: extra run metadata for ``run.json``.
         probe_every: probe every this many optimizer steps; 0 turns probes off.
         probe_size: examples in the held probe batch (stratified by task).
-        loss: per-example loss kind for the training loss (see :mod:`per_task_loss`), or ``"auto"``.
+        loss: per-example loss kind for the training loss (see :mod:`dynamics.signals.losses`), or ``"auto"``.
         probe_kwargs: passed to :func:`dynamics.probe` (``loss``, ``params``, ``method``, ``hessian``...).
         update_direction: compute ``update_cosine`` (copies the probed parameters on probe steps).
         sync_every: steps between host syncs of the per-step sums (and their all-reduce).
@@ -316,7 +311,7 @@ class Recorder:
         """Add one micro-batch's logits and labels (explicit path for models called without the hook)."""
         ids = self._task_id_tensor(task_ids, int(logits.shape[0]))
         if self._loss_kind is None:
-            self._loss_kind = infer_loss_kind(self.model, logits, labels)
+            self._loss_kind = resolve_loss_kind(self.model, logits=logits, labels=labels)
         kind = "token" if shift_labels is not None and self._loss_kind == "causal_lm" else self._loss_kind
         loss_sum, count = per_example_loss(logits, labels, kind, shift_labels=shift_labels)
         self._queue(loss_sum, count, ids)  # fresh tensors: no copy needed

@@ -12,7 +12,8 @@ costs one n x n symmetric eigen-decomposition (float64), never a P x P matrix.
 * with ``p_k = lambda_k / sum_j lambda_j``: spectral entropy ``SE = -sum_k p_k log p_k`` (natural
   log), dominant eigenvalue ratio ``rho = lambda_1 / sum_j lambda_j``, effective rank ``exp(SE)``.
 
-All-zero gradients give an empty spectrum, ``trace = 0`` and NaN for SE, rho and effective rank.
+All-zero gradients give an empty spectrum, ``trace = 0`` and NaN for SE, rho and effective rank. A
+Gram matrix holding NaN or inf is refused with a ``ValueError`` (its spectrum is undefined).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def fisher_eigvals(gram: Tensor, eps: float | None = None) -> Tensor:
     n = K.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)
+    if not torch.isfinite(K).all():
+        # eigvalsh would fail to converge (or return NaN) on such a matrix: say what is wrong instead.
+        raise ValueError(
+            "the Gram matrix holds NaN or inf (a non-finite per-example loss or gradient): its spectrum is "
+            "undefined; check the losses and gradients of the probe batch"
+        )
     eps = torch.finfo(torch.float64).eps if eps is None else eps
     lam = torch.linalg.eigvalsh(0.5 * (K + K.T) / n).flip(0)
     top = float(lam[0]) if lam.numel() else 0.0

@@ -11,6 +11,7 @@ from tests.reference import ref_grads, ref_signals
 from tests.signals.signals_helpers import build
 
 from dynamics import probe
+from dynamics.probing import DegenerateProbeWarning
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 
@@ -53,16 +54,17 @@ def test_single_example():
     task_ids = torch.tensor([0])
     params = [p for p in model.parameters() if p.requires_grad]
     G, _, _ = ref_grads(model, batch, params, kind)
-    res = probe(model, batch, task_ids=task_ids)
+    with pytest.warns(DegenerateProbeWarning, match="one example"):
+        res = probe(model, batch, task_ids=task_ids)
     sq = float(G[0] @ G[0])
     assert res.gram.shape == (1, 1)
     assert res.gram.item() == pytest.approx(sq, rel=1e-8)
     np.testing.assert_allclose(res.fisher_eigvals.numpy(), [sq], rtol=1e-8)
-    assert res.fisher_se == pytest.approx(0.0, abs=1e-12)
-    assert res.fisher_rho == pytest.approx(1.0) and res.fisher_eff_rank == pytest.approx(1.0)
+    # one example: SE = 0 and rho = 1 hold by construction, not as a measurement (issue 11)
+    assert math.isnan(res.fisher_se) and math.isnan(res.fisher_rho) and math.isnan(res.fisher_eff_rank)
     assert math.isnan(res.noise_scale) and math.isnan(res.conflict_rate)
     names = {r[1] for r in res.to_rows(0)}
-    assert "noise_scale" not in names and "conflict_rate" not in names and "fisher_se" in names
+    assert names == {"probe_loss", "grad_norm", "fisher_trace"}
 
 
 def test_all_zero_gradients():
