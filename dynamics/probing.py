@@ -253,7 +253,10 @@ def _check_losses(losses: Tensor, weights: Tensor) -> None:
 
 def _check_gram(gram: Tensor) -> None:
     """Refuse non-finite per-example gradients (the losses were finite: an overflow in the backward)."""
-    bad = ~torch.isfinite(gram.detach()).all(dim=1)
+    K = gram.detach()
+    bad = ~torch.isfinite(K.diagonal())  # a non-finite g_i spoils row and column i: name i by K_ii
+    if not bad.any():
+        bad = ~torch.isfinite(K).all(dim=1)
     if bad.any():
         raise DegenerateProbeError(
             f"the per-example gradient is not finite (NaN or inf) for example(s) {_few(bad.nonzero())} of "

@@ -18,6 +18,14 @@ Families:
   images with 4x4 patches -> 16 image tokens, Llama text model), eager attention.
 - :func:`lora_llama` / :func:`lora_llama_batch`: PEFT LoRA (r=4 on q_proj, v_proj, dropout 0.1,
   non-zero init of both factors) on the untied :func:`tiny_llama`; only adapters are trainable.
+- :func:`tiny_t5` / :func:`t5_batch`: ``T5ForConditionalGeneration`` (encoder-decoder), the batch
+  as the Trainer builds it: ``input_ids``, ``attention_mask``, ``labels`` (no decoder inputs).
+- :func:`tiny_bert_token` / :func:`token_batch`: ``BertForTokenClassification`` (5 tags), labels
+  -100 on [CLS], padding and some sub-word positions.
+- :func:`tiny_bert_seqcls` / :func:`seqcls_batch`: ``BertForSequenceClassification`` (3 classes),
+  some labels -100 (ignored examples).
+- :func:`tiny_head_model`: a tiny Hugging Face model of a named class (GPT-2, BART, BERT MLM, ViT,
+  Qwen2, DistilBERT, ...) for loss-kind detection.
 """
 
 from __future__ import annotations
@@ -298,6 +306,200 @@ def lora_llama_batch(
     return llama_batch(n=n, seq_len=seq_len, n_tasks=n_tasks, seed=seed)
 
 
+def tiny_t5(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Seeded ``T5ForConditionalGeneration``: vocab 64, d_model 16, 2 + 2 layers, 2 heads, ReLU FF."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=VOCAB,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.1,
+        feed_forward_proj="relu",
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+        initializer_factor=1.0,
+        attn_implementation="eager",
+    )
+    ctx = _fork(seed)
+    try:
+        model = T5ForConditionalGeneration(config)
+    finally:
+        ctx.__exit__(None, None, None)
+    return model.to(dtype)
+
+
+def t5_batch(
+    n: int = 8, src_len: int = 10, tgt_len: int = 6, n_tasks: int = 3, seed: int = 0
+) -> tuple[Batch, torch.Tensor]:
+    """Trainer-style seq2seq batch: right-padded sources and targets of variable length.
+
+    ``input_ids`` / ``attention_mask`` (n, src_len); ``labels`` (n, tgt_len): random tokens then EOS,
+    -100 after (as ``DataCollatorForSeq2Seq`` pads labels). No ``decoder_input_ids``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.full((n, src_len), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros(n, src_len, dtype=torch.long)
+    labels = torch.full((n, tgt_len), -100, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(src_len // 2, src_len + 1, (1,), generator=gen))
+        input_ids[i, :length] = torch.randint(3, VOCAB, (length,), generator=gen)
+        attention_mask[i, :length] = 1
+        target = int(torch.randint(2, tgt_len + 1, (1,), generator=gen))
+        labels[i, : target - 1] = torch.randint(3, VOCAB, (target - 1,), generator=gen)
+        labels[i, target - 1] = EOS_ID
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return batch, _task_ids(n, n_tasks, gen)
+
+
+def _bert_config(**kw: Any):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        initializer_range=0.1,
+        pad_token_id=PAD_ID,
+        attn_implementation="eager",
+        **kw,
+    )
+
+
+def tiny_bert_token(seed: int = 0, dtype: torch.dtype = torch.float32, num_labels: int = 5):
+    """Seeded ``BertForTokenClassification``: hidden 16, 2 layers, ``num_labels`` tags."""
+    from transformers import BertForTokenClassification
+
+    ctx = _fork(seed)
+    try:
+        model = BertForTokenClassification(_bert_config(num_labels=num_labels))
+    finally:
+        ctx.__exit__(None, None, None)
+    return model.to(dtype)
+
+
+def _bert_inputs(n: int, seq_len: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    input_ids = torch.full((n, seq_len), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros(n, seq_len, dtype=torch.long)
+    for i in range(n):
+        length = int(torch.randint(seq_len // 2, seq_len + 1, (1,), generator=gen))
+        input_ids[i, :length] = torch.randint(3, VOCAB, (length,), generator=gen)
+        input_ids[i, 0] = BOS_ID  # [CLS]
+        attention_mask[i, :length] = 1
+    return input_ids, attention_mask
+
+
+def token_batch(
+    n: int = 8, seq_len: int = 10, n_tasks: int = 3, seed: int = 0, num_labels: int = 5
+) -> tuple[Batch, torch.Tensor]:
+    """Tagging batch: labels in ``[0, num_labels)`` aligned with the tokens; -100 on [CLS], padding and
+    about a quarter of the other positions (continuation sub-words)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids, attention_mask = _bert_inputs(n, seq_len, gen)
+    labels = torch.randint(0, num_labels, (n, seq_len), generator=gen)
+    subword = torch.rand(n, seq_len, generator=gen) < 0.25
+    labels[(attention_mask == 0) | subword] = -100
+    labels[:, 0] = -100
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return batch, _task_ids(n, n_tasks, gen)
+
+
+def tiny_bert_seqcls(seed: int = 0, dtype: torch.dtype = torch.float32, num_labels: int = 3):
+    """Seeded ``BertForSequenceClassification`` (``problem_type`` left to transformers)."""
+    from transformers import BertForSequenceClassification
+
+    ctx = _fork(seed)
+    try:
+        model = BertForSequenceClassification(_bert_config(num_labels=num_labels))
+    finally:
+        ctx.__exit__(None, None, None)
+    return model.to(dtype)
+
+
+def seqcls_batch(
+    n: int = 8, seq_len: int = 10, n_tasks: int = 3, seed: int = 0, num_labels: int = 3, ignored: int = 2
+) -> tuple[Batch, torch.Tensor]:
+    """Sequence classification batch: one class per example; the first ``ignored`` labels are -100."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids, attention_mask = _bert_inputs(n, seq_len, gen)
+    labels = torch.randint(0, num_labels, (n,), generator=gen)
+    labels[:ignored] = -100
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return batch, _task_ids(n, n_tasks, gen)
+
+
+def _head_configs() -> dict[str, tuple[str, Any]]:
+    small = {"vocab_size": VOCAB, "pad_token_id": PAD_ID}
+    bert = {
+        **small,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    }
+    llama = {**bert, "num_key_value_heads": 1, "max_position_embeddings": 64}
+    bart = {
+        **small,
+        "d_model": 16,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "encoder_ffn_dim": 32,
+        "decoder_ffn_dim": 32,
+        "max_position_embeddings": 64,
+    }
+    t5 = {**small, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    vit = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    vit |= {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
+    return {
+        "LlamaForCausalLM": ("LlamaConfig", llama),
+        "LlamaForSequenceClassification": ("LlamaConfig", {**llama, "num_labels": 3}),
+        "Qwen2ForCausalLM": ("Qwen2Config", llama),
+        "GPT2LMHeadModel": (
+            "GPT2Config",
+            {**small, "n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64},
+        ),
+        "T5ForConditionalGeneration": ("T5Config", t5),
+        "T5ForSequenceClassification": ("T5Config", {**t5, "num_labels": 3}),
+        "BartForConditionalGeneration": ("BartConfig", bart),
+        "BartForSequenceClassification": ("BartConfig", {**bart, "num_labels": 3}),
+        "BertForMaskedLM": ("BertConfig", bert),
+        "BertForTokenClassification": ("BertConfig", {**bert, "num_labels": 5}),
+        "BertForSequenceClassification": ("BertConfig", {**bert, "num_labels": 3}),
+        "BertForQuestionAnswering": ("BertConfig", bert),
+        "DistilBertForTokenClassification": (
+            "DistilBertConfig",
+            {**small, "dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32, "num_labels": 5},
+        ),
+        "ViTForImageClassification": ("ViTConfig", {**vit, "num_labels": 4}),
+    }
+
+
+def tiny_head_model(name: str, seed: int = 0, **config_kw: Any):
+    """A tiny Hugging Face model of class ``name`` (see :func:`_head_configs` for the classes),
+    built from its config; ``config_kw`` overrides config fields (e.g. ``problem_type``)."""
+    import transformers as tf
+
+    config_name, kw = _head_configs()[name]
+    config = getattr(tf, config_name)(**{**kw, **config_kw})
+    ctx = _fork(seed)
+    try:
+        return getattr(tf, name)(config)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
 BUILDERS = {
     "mlp": (mlp, mlp_batch),
     "cnn": (cnn, cnn_batch),
@@ -305,5 +507,8 @@ BUILDERS = {
     "llama_tied": (lambda **kw: tiny_llama(tie_word_embeddings=True, **kw), llama_batch),
     "llava": (tiny_llava, llava_batch),
     "lora_llama": (lora_llama, lora_llama_batch),
+    "t5": (tiny_t5, t5_batch),
+    "bert_token": (tiny_bert_token, token_batch),
+    "bert_seqcls": (tiny_bert_seqcls, seqcls_batch),
 }
 """Family name -> (model builder, batch maker); the builders accept ``seed=`` and ``dtype=``."""

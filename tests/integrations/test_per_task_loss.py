@@ -1,80 +1,13 @@
-"""Per-example losses recomputed from logits, against explicit per-token loops and transformers."""
+"""Per-task training losses: the loss meter's reduction and the Trainer-loss identity per model family."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from dynamics.integrations import per_task_loss
-from dynamics.integrations.per_task_loss import infer_loss_kind, per_example_loss, task_sums
-from tests.integrations.hook_helpers import token_losses
-from tests.tiny_models import llama_batch, llava_batch, lora_llama, mlp, tiny_llama, tiny_llava
-
-
-def test_causal_lm_matches_token_loop_with_shift():
-    batch, _ = llama_batch(n=5, seq_len=9)
-    logits = torch.randn(5, 9, 64, generator=torch.Generator().manual_seed(0))
-    shifted = torch.full_like(batch["labels"], -100)
-    shifted[:, :-1] = batch["labels"][:, 1:]
-    want_s, want_n = token_losses(logits, shifted)
-    s, n = per_example_loss(logits, batch["labels"], "causal_lm")
-    assert n.tolist() == want_n
-    assert s.tolist() == pytest.approx(want_s, rel=1e-5)
-    # "token" with pre-shifted labels, and shift_labels= (padding-free collators), are the same terms.
-    s_tok, _ = per_example_loss(logits, shifted, "token")
-    s_shift, _ = per_example_loss(logits, batch["labels"], "causal_lm", shift_labels=shifted)
-    assert s_tok.tolist() == pytest.approx(want_s, rel=1e-5)
-    assert s_shift.tolist() == pytest.approx(want_s, rel=1e-5)
-
-
-def test_chunking_does_not_change_the_result(monkeypatch):
-    batch, _ = llama_batch(n=7, seq_len=10)
-    logits = torch.randn(7, 10, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    whole = per_example_loss(logits, batch["labels"], "causal_lm")
-    monkeypatch.setattr(per_task_loss, "_CHUNK_ELEMENTS", 3 * 64)  # three tokens per chunk
-    chunked = per_example_loss(logits, batch["labels"], "causal_lm")
-    torch.testing.assert_close(chunked, whole)
-
-
-def test_strided_logits_match_the_token_loop():
-    # Logits that are a strided view (no flat row table) take the gather-by-coordinates path.
-    batch, _ = llama_batch(n=4, seq_len=8)
-    logits = torch.randn(8, 4, 64, generator=torch.Generator().manual_seed(4)).transpose(0, 1)
-    with pytest.raises(RuntimeError):
-        logits.view(-1, 64)  # (4, 8, 64) whose rows have no flat (32, 64) view
-    shifted = torch.full_like(batch["labels"], -100)
-    shifted[:, :-1] = batch["labels"][:, 1:]
-    want_s, want_n = token_losses(logits.contiguous(), shifted)
-    s, n = per_example_loss(logits, batch["labels"], "causal_lm")
-    assert n.tolist() == want_n
-    assert s.tolist() == pytest.approx(want_s, rel=1e-5)
-
-
-def test_classification_regression_multilabel_against_formulas():
-    gen = torch.Generator().manual_seed(2)
-    logits = torch.randn(6, 4, generator=gen)
-    labels = torch.randint(0, 4, (6,), generator=gen)
-    s, n = per_example_loss(logits, labels, "classification")
-    want = [
-        -math.log(math.exp(float(logits[i, labels[i]])) / sum(math.exp(float(z)) for z in logits[i]))
-        for i in range(6)
-    ]
-    assert s.tolist() == pytest.approx(want, rel=1e-5)
-    assert n.tolist() == [1.0] * 6
-
-    target = torch.randn(6, 4, generator=gen)
-    s, _ = per_example_loss(logits, target, "regression")
-    assert s.tolist() == pytest.approx(
-        [float(((logits[i] - target[i]) ** 2).mean()) for i in range(6)], rel=1e-5
-    )
-
-    bits = (target > 0).float()
-    s, _ = per_example_loss(logits, bits, "multilabel")
-    sig = torch.sigmoid(logits.double())
-    want = [float(-(bits[i] * sig[i].log() + (1 - bits[i]) * (1 - sig[i]).log()).mean()) for i in range(6)]
-    assert s.tolist() == pytest.approx(want, rel=1e-5)
+from dynamics.integrations.loss_meter import task_sums
+from dynamics.signals.losses import per_example_loss, resolve_loss_kind
+from tests import tiny_models as tm
 
 
 def test_task_sums_against_loop():
@@ -90,26 +23,28 @@ def test_task_sums_against_loop():
 
 
 @pytest.mark.parametrize(
-    ("build", "make"), [(tiny_llama, llama_batch), (tiny_llava, llava_batch)], ids=["llama", "llava"]
+    ("build", "make", "kind"),
+    [
+        (tm.tiny_llama, tm.llama_batch, "causal_lm"),
+        (tm.tiny_llava, tm.llava_batch, "causal_lm"),
+        (tm.tiny_t5, tm.t5_batch, "token"),
+        (tm.tiny_bert_token, tm.token_batch, "token"),
+        (tm.tiny_bert_seqcls, tm.seqcls_batch, "classification"),
+    ],
+    ids=["llama", "llava", "t5", "bert_token", "bert_seqcls_ignored"],
 )
-def test_token_weighted_mean_is_transformers_loss(build, make):
-    model = build()
-    batch, _ = make(n=6)
+def test_token_weighted_task_losses_add_up_to_the_transformers_loss(build, make, kind):
+    """Per task L_a = S_a / N_a equals the model's own loss on that task's examples, and the
+    N-weighted mean over tasks equals its loss on the whole batch (the Trainer's logged loss)."""
+    model = build().eval()
+    batch, task_ids = make(n=9)
     with torch.no_grad():
         out = model(**batch)
-    kind = infer_loss_kind(model, out.logits, batch["labels"])
-    s, n = per_example_loss(out.logits, batch["labels"], kind)
-    assert kind == "causal_lm"
-    assert float(s.sum() / n.sum()) == pytest.approx(float(out.loss), rel=1e-6)
-
-
-def test_infer_kind():
-    llama, lora = tiny_llama(), lora_llama()
-    seq = torch.zeros(2, 5, 64)
-    ids = torch.zeros(2, 5, dtype=torch.long)
-    assert infer_loss_kind(llama, seq, ids) == "causal_lm"
-    assert infer_loss_kind(lora, seq, ids) == "causal_lm"  # PEFT: the base model's class decides
-    assert infer_loss_kind(mlp(), torch.zeros(2, 4), torch.zeros(2, dtype=torch.long)) == "classification"
-    assert infer_loss_kind(mlp(), torch.zeros(2, 1), torch.zeros(2, 1)) == "regression"
-    with pytest.raises(ValueError, match="loss='causal_lm' or loss='token'"):
-        infer_loss_kind(mlp(), seq, ids)  # sequence logits from a module we cannot classify
+        assert resolve_loss_kind(model, logits=out.logits, labels=batch["labels"]) == kind
+        s, n = per_example_loss(out, batch["labels"], kind)
+        sums = task_sums(s, n, task_ids, 3)
+        assert float(sums[0].sum() / sums[1].sum()) == pytest.approx(float(out.loss), rel=1e-5)
+        for a in range(3):
+            members = task_ids == a
+            sub = model(**{k: v[members] for k, v in batch.items()})
+            assert float(sums[0, a] / sums[1, a]) == pytest.approx(float(sub.loss), rel=1e-5)

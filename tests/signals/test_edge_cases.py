@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.reference import ref_grads, ref_signals
-from tests.signals.signals_helpers import build
 
 from dynamics import probe
 from dynamics.probing import DegenerateProbeWarning
+from tests.reference import ref_grads, ref_signals
+from tests.signals.signals_helpers import build
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 
