@@ -341,7 +341,7 @@ def per_example_loss(
         logits = logits.detach()
         if callable(kind):
             losses, N = _user_losses(kind(logits, labels), logits.shape[0])
-            S = losses * N
+            S = torch.where(N > 0, losses * N, torch.zeros_like(losses))  # N_i = 0: nothing, even a 0/0
         else:
             S, N = _kind_terms(logits, labels, kind, shift_labels)
     return S.detach().float(), N.detach().float()

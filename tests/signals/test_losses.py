@@ -426,3 +426,18 @@ def test_sharded_parameters_are_refused():
     model.head.weight._is_flat_param = True  # what FSDP's flat parameters carry
     with pytest.raises(ValueError, match="sharded"):
         probe(model, batch, task_ids=task_ids)
+
+
+def test_user_loss_with_an_empty_example_adds_nothing():
+    """A user loss that divides by an empty count (0 / 0) at N_i = 0 gives S_i = 0 on the training side
+    (the probe refuses such a non-finite loss: test_losses_degenerate.py)."""
+
+    def mean_tokens(logits, labels):
+        keep = labels != IGNORE_INDEX
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        return (ce * keep).sum(1) / keep.sum(1), keep.sum(1)
+
+    logits = torch.randn(2, 3, 5)
+    labels = torch.tensor([[1, 2, -100], [-100, -100, -100]])
+    s, n = per_example_loss(logits, labels, LogitsLoss(mean_tokens))
+    assert n.tolist() == [2.0, 0.0] and s[1].item() == 0.0 and math.isfinite(s[0].item())
