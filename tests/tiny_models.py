@@ -459,7 +459,15 @@ def _head_configs() -> dict[str, tuple[str, Any]]:
         "decoder_ffn_dim": 32,
         "max_position_embeddings": 64,
     }
-    t5 = {**small, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    t5 = {
+        **small,
+        "d_model": 16,
+        "d_kv": 8,
+        "d_ff": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "decoder_start_token_id": PAD_ID,
+    }
     vit = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
     vit |= {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE}
     return {

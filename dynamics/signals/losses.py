@@ -67,6 +67,7 @@ __all__ = [
     "LossSpec",
     "PerExampleLoss",
     "extract_logits",
+    "model_inputs",
     "per_example_loss",
     "per_example_losses",
     "resolve_loss_kind",

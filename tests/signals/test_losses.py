@@ -441,3 +441,16 @@ def test_user_loss_with_an_empty_example_adds_nothing():
     labels = torch.tensor([[1, 2, -100], [-100, -100, -100]])
     s, n = per_example_loss(logits, labels, LogitsLoss(mean_tokens))
     assert n.tolist() == [2.0, 0.0] and s[1].item() == 0.0 and math.isfinite(s[0].item())
+
+
+@pytest.mark.parametrize("name", ["T5ForConditionalGeneration", "BartForConditionalGeneration"])
+def test_encoder_decoder_probe_inputs_match_the_models_own_forward(name):
+    """The probe's decoder inputs (built from labels) are the ones the model builds itself from labels."""
+    model = tm.tiny_head_model(name).double().eval()
+    batch, _ = tm.t5_batch(n=4)
+    with torch.no_grad():
+        own = model(**batch)  # labels given: the model shifts them into decoder inputs
+        pel = per_example_losses(model, batch)
+    s, n = per_example_loss(own, batch["labels"], "token")
+    assert pel.kind == "token" and pel.weights.tolist() == n.tolist()
+    np.testing.assert_allclose(pel.losses.numpy(), (s / n).numpy(), rtol=1e-6)
