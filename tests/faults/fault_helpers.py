@@ -21,25 +21,30 @@ WRITE_SLACK = 1.0
 
 
 def start_job(
-    kind: str, out: Path, side: Path | None, *args: str, torchrun: bool = False
+    kind: str,
+    out: Path,
+    side: Path | None,
+    *args: str,
+    torchrun: bool = False,
+    pipe: bool = False,
+    log: Path | None = None,
 ) -> subprocess.Popen:
-    """``python -m tests.faults.jobs KIND ...`` in its own process group, output to ``<out>.log``."""
+    """``python -m tests.faults.jobs KIND ...`` in its own process group, output to ``<out>.log`` (a
+    file, not a pipe: a full pipe would stall the job) or, with ``pipe``, to ``proc.stdout``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        cmd = [*launcher, "-m", "tests.faults.jobs", kind]
-    else:
-        cmd = [*launcher, "-m", "tests.faults.jobs", kind]
-    cmd += ["--out", str(out), *(["--side", str(side)] if side else []), *args]
-    log = open(f"{out}.log", "w")  # noqa: SIM115 - a file, not a pipe: a full pipe would stall the job
+    cmd = [*launcher, "-m", "tests.faults.jobs", kind, "--out", str(out)]
+    cmd += [*(["--side", str(side)] if side else []), *args]
+    stdout = subprocess.PIPE if pipe else open(log or f"{out}.log", "w")  # noqa: SIM115
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True, text=pipe
     )
 
 
-def job_log(out: Path) -> str:
-    return Path(f"{out}.log").read_text()
+def job_log(out: Path, log: Path | None = None) -> str:
+    return Path(log or f"{out}.log").read_text()
 
 
 def done_steps(side: Path) -> list[tuple[int, float]]:

@@ -46,6 +46,7 @@ def writer_job(args: argparse.Namespace) -> None:
         args.out,
         tasks=TASKS,
         resume_step=args.resume_step,
+        overwrite=args.overwrite,
         flush_seconds=args.flush_seconds or DEFAULT_FLUSH_SECONDS,
     )
     for step in range(args.start + 1, args.start + args.steps + 1):
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-seconds", type=float, default=0.0)
     parser.add_argument("--sync-every", type=int, default=None)
     parser.add_argument("--probe-every", type=int, default=None)
+    parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--disk-full-at", type=int, default=-1)
     parser.add_argument("--disk-back-at", type=int, default=-1)
