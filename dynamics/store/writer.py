@@ -349,6 +349,7 @@ class RunWriter:
             self._info = self._open_append()
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._close_stale_writers()
             self._training_lock = _acquire_training_lock(self.run_dir)
             try:
                 self._info = self._open_training(tags, meta, run_id, resume, bool(overwrite))
@@ -375,6 +376,21 @@ class RunWriter:
         _wrap_sigterm()
 
     # ------------------------------------------------------------------ opening
+    def _close_stale_writers(self) -> None:
+        """Close an earlier training writer of this run left open in this process (a notebook training
+        again, a Trainer whose callback was never closed): its rows are written first. Another process
+        holding the run still gets :class:`RunLockedError`."""
+        here = self.run_dir.resolve()
+        for other in list(_OPEN_WRITERS):
+            if other._training_lock is not None and other.run_dir.resolve() == here:
+                warnings.warn(
+                    f"dynamics: closing the earlier writer of {self.run_dir} still open in this process "
+                    f"(run {other.run_id!r}; its rows are written first) before opening a new training writer",
+                    StoreWarning,
+                    stacklevel=4,
+                )
+                other.close()
+
     def _has_run(self) -> bool:
         return (self.run_dir / schema.RUN_FILE).exists() or bool(
             _part_files(self.run_dir / schema.METRICS_DIR)

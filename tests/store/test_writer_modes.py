@@ -94,30 +94,55 @@ def test_contradictory_or_bad_modes_are_refused(tmp_path, kwargs):
 
 
 # ------------------------------------------------------------------ two writers
-def test_a_second_training_writer_gets_a_clear_error_and_an_evaluator_may_append(tmp_path):
-    w = RunWriter(tmp_path / "r", tasks=TASKS, flush_seconds=3600)
-    w.log_many(range(3), "loss", 1.0, "a")
+_HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from dynamics.store.writer import RunWriter
+    w = RunWriter(sys.argv[1], tasks=["a", "b"])
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_a_second_training_writer_from_another_process_gets_a_clear_error(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path / "r")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        for kwargs in ({"resume_step": 2}, {"overwrite": True}, {}):  # not even to replace it
+            with pytest.raises(RunLockedError, match=rf"another training writer \(pid {proc.pid} "):
+                RunWriter(tmp_path / "r", tasks=TASKS, **kwargs)
+        RunWriter(tmp_path / "r", tasks=TASKS, append=True).close()  # an evaluator may
+    finally:
+        proc.kill()
+        proc.wait()
+    RunWriter(tmp_path / "r", tasks=TASKS, resume_step=2).close()  # the kernel freed the lock
+
+
+def test_a_stale_writer_in_this_process_is_closed_and_an_evaluator_may_append(tmp_path):
+    stale = RunWriter(tmp_path / "r", tasks=TASKS, flush_seconds=3600)
+    stale.log(1, "loss", 1.0, "a")  # buffered only
+    with pytest.warns(UserWarning, match="closing the earlier writer"):
+        w = RunWriter(tmp_path / "r", tasks=TASKS, flush_seconds=3600, resume_step=1)
+    assert stale.closed and load_runs(tmp_path / "r").metrics.step.tolist() == [1]
+    w.log_many(range(2, 4), "loss", 1.0, "a")
     w.flush()
-    with pytest.raises(RunLockedError, match=r"another training writer \(pid \d+"):
-        RunWriter(tmp_path / "r", tasks=TASKS, resume_step=2)
-    with pytest.raises(RunLockedError):
-        RunWriter(tmp_path / "r", tasks=TASKS, overwrite=True)  # not even to replace it
     with RunWriter(tmp_path / "r", tasks=["a"], append=True) as ev:  # an evaluation script
         assert ev.run_id == w.run_id
         ev.log_scores({"a": {"acc": 0.9}})
         ev.log(2, "eval_loss", 0.3, "a")
-    w.log_many(range(3, 6), "loss", 2.0, "a")
+    w.log_many(range(4, 6), "loss", 2.0, "a")
     w.log_scores({"b": {"acc": 0.1}})  # merged with the evaluator's, not replacing them
     w.close()
     rs = load_runs(tmp_path / "r")
-    assert sorted(rs.metrics[rs.metrics.name == "loss"].step) == list(range(6))
+    assert sorted(rs.metrics[rs.metrics.name == "loss"].step) == [1, 2, 3, 4, 5]
     assert rs.metrics[rs.metrics.name == "eval_loss"].value.tolist() == [0.3]
     assert rs.scores.set_index("task").value.to_dict() == {"a": 0.9, "b": 0.1}
     names = [p.name for p in _parts(tmp_path / "r")]
-    assert len(names) == len(set(names)) == 3 and {n.split("-")[2] for n in names} == {
-        f"{w.writer_id}.parquet",
-        f"{ev.writer_id}.parquet",
-    }
+    writers = {n.split("-")[2].removesuffix(".parquet") for n in names}
+    assert len(names) == len(set(names)) == 4 and writers == {stale.writer_id, w.writer_id, ev.writer_id}
     with pytest.raises(FileNotFoundError, match="holds none"):
         RunWriter(tmp_path / "nothing", tasks=TASKS, append=True)
     with pytest.raises(ValueError, match="not declared"):
