@@ -30,27 +30,44 @@ def float64_array(values: np.ndarray) -> pa.Array:
     return _numeric(values, pa.float64(), np.float64)
 
 
-def _utf8(labels: list[str]) -> pa.Array:
+def _strings(labels: list[str], codes: np.ndarray) -> pa.Array:
+    """The string array ``labels[codes]``: rows are gathered from a padded byte matrix of the few
+    distinct labels (numpy, about 10x faster here than pyarrow's dictionary cast or take)."""
     encoded = [s.encode("utf-8") for s in labels]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    lengths = np.array([len(b) for b in encoded], dtype=np.int64)
+    width = max(1, int(lengths.max(initial=0)))
+    padded = np.zeros((len(encoded), width), dtype=np.uint8)
+    for i, b in enumerate(encoded):
+        padded[i, : len(b)] = np.frombuffer(b, dtype=np.uint8)
+    row_lengths = lengths[codes]
+    offsets = np.zeros(len(codes) + 1, dtype=np.int32)
+    np.cumsum(row_lengths, out=offsets[1:])
+    data = padded[codes][np.arange(width) < row_lengths[:, None]]
     return pa.Array.from_buffers(
-        pa.string(), len(encoded), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+        pa.string(), len(codes), [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data))]
     )
 
 
 def string_array(values: np.ndarray | list[str], *, repeat: int | None = None) -> pa.Array:
-    """A string array of ``values`` (few distinct labels: dictionary-encoded, then decoded by a cast).
+    """A string array of ``values`` (a column of few distinct labels, as metric and task names are).
 
     With ``repeat``, ``values`` is one label repeated ``repeat`` times.
     """
     if repeat is not None:
-        labels, codes = [str(values[0])], np.zeros(repeat, dtype=np.int32)
-    else:
-        uniq, inverse = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
-        labels, codes = [str(u) for u in uniq], inverse.astype(np.int32).reshape(-1)
-    indices = _numeric(codes, pa.int32(), np.int32)
-    return pa.DictionaryArray.from_arrays(indices, _utf8(labels)).cast(pa.string())
+        label = str(values[0]).encode("utf-8")
+        offsets = (np.arange(repeat + 1, dtype=np.int64) * len(label)).astype(np.int32)
+        return pa.Array.from_buffers(
+            pa.string(), repeat, [None, pa.py_buffer(offsets), pa.py_buffer(label * repeat)]
+        )
+    column = np.asarray(values, dtype=object)
+    labels = sorted(set(column.tolist()))
+    if len(labels) <= 64:  # the usual case: one comparison pass per label beats sorting strings
+        codes = np.zeros(len(column), dtype=np.int64)
+        for code, label in enumerate(labels[1:], start=1):
+            codes[column == label] = code
+        return _strings(labels, codes)
+    uniq, inverse = np.unique(column.astype(str), return_inverse=True)
+    return _strings([str(u) for u in uniq], inverse.reshape(-1))
 
 
 def numeric_values(column: pa.ChunkedArray, dtype: type[np.generic]) -> np.ndarray:
