@@ -198,6 +198,12 @@ class _FileLock:
             raise
         self.fd = fd
 
+    def __del__(self) -> None:  # a forgotten lock must not stay held for the life of the process
+        try:
+            self.release()
+        except Exception:
+            pass
+
     def release(self) -> None:
         if self.fd is not None and fcntl is not None:
             try:
@@ -823,6 +829,14 @@ class RunWriter:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def __del__(self) -> None:
+        # A writer dropped without close(): write its rows and free the run, as a file object would.
+        if not getattr(self, "_closed", True) and not _EXITING:
+            try:
+                self.close()
+            except Exception:
+                pass
 
     def __enter__(self) -> RunWriter:
         return self

@@ -320,3 +320,14 @@ def test_a_python_sigterm_handler_is_chained_and_nothing_flushes_inside_it(tmp_p
     assert proc.returncode == 0
     assert f"chained [{int(signal.SIGTERM)}] stop {int(signal.SIGTERM)} flushed True" in out
     assert load_runs(tmp_path / "r").metrics.step.tolist() == list(range(5))
+
+
+def test_a_writer_dropped_without_close_writes_its_rows_and_frees_the_run(tmp_path):
+    import gc
+
+    w = RunWriter(tmp_path / "r", tasks=TASKS, flush_seconds=3600)
+    w.log(1, "loss", 1.0)
+    del w
+    gc.collect()
+    assert load_runs(tmp_path / "r").metrics.step.tolist() == [1]
+    RunWriter(tmp_path / "r", tasks=TASKS, resume_step=1).close()  # no RunLockedError: the lock was freed
