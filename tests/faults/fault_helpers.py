@@ -3,6 +3,7 @@ what they had done."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -41,6 +42,27 @@ def start_job(
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True, text=pipe
     )
+
+
+def flush_interval(run_dir: Path) -> float:
+    """The flush interval the job's writer runs at: a recorder's configured ``flush_seconds`` when
+    run.json records one (its callback configuration), else the store's default."""
+    from dynamics.store.writer import DEFAULT_FLUSH_SECONDS
+
+    def find(obj: object) -> float | None:
+        if isinstance(obj, dict):
+            if isinstance(obj.get("flush_seconds"), (int, float)):
+                return float(obj["flush_seconds"])
+            for value in obj.values():
+                if (found := find(value)) is not None:
+                    return found
+        return None
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return DEFAULT_FLUSH_SECONDS
+    return find(info.get("meta", {})) or DEFAULT_FLUSH_SECONDS
 
 
 def job_log(out: Path, log: Path | None = None) -> str:

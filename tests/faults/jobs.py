@@ -107,11 +107,18 @@ def loop_job(args: argparse.Namespace) -> None:
     rec = dynamics.LoopRecorder(trained, tasks=TASKS, out_dir=args.out, probe_batch=probe, **extra)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write over RLIMIT_FSIZE fails (EFBIG) instead
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    full_since, freed_at = None, None
     for step in range(1, args.steps + 1):
+        if freed_at is not None and step > freed_at + args.steps_after_free:
+            break
         if step == args.disk_full_at:
             resource.setrlimit(resource.RLIMIT_FSIZE, (0, limit[1]))  # every file write now fails
-        if step == args.disk_back_at:
+            full_since = time.monotonic()
+            print("disk full", flush=True)
+        if full_since is not None and time.monotonic() - full_since >= args.disk_full_for:
             resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+            full_since, freed_at = None, step
+            print(f"disk free at step {step}", flush=True)
         x = torch.randn(6, 8, generator=gen)
         batch = {
             "x": x,
@@ -173,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--disk-full-at", type=int, default=-1)
-    parser.add_argument("--disk-back-at", type=int, default=-1)
+    parser.add_argument("--steps-after-free", type=int, default=10)
+    parser.add_argument("--disk-full-for", type=float, default=float("inf"), help="seconds, then freed")
     args = parser.parse_args(argv)
     {"writer": writer_job, "loop": loop_job, "hf": hf_job}[args.kind](args)
 

@@ -41,10 +41,12 @@ def test_plain_loop_killed_keeps_every_step_older_than_one_flush_interval(tmp_pa
     out, side = tmp_path / "run", tmp_path / "done.txt"
     proc = fh.start_job("loop", out, side, "--step-seconds", "0.4")
     try:
-        t_kill = fh.kill_at_random_point(proc, side, out, seed=2, lo=6.0, hi=8.0)
+        fh.wait_for_steps(proc, side, 1, out)
+        interval = fh.flush_interval(out)  # the recorder's default, as run.json records it
+        t_kill = fh.kill_at_random_point(proc, side, out, seed=2, lo=interval + 2, hi=interval + 3.5)
     finally:
         fh.stop(proc)
-    fh.assert_kept_all_but_the_last_interval(out, side, t_kill, DEFAULT_FLUSH_SECONDS, name="train_loss")
+    fh.assert_kept_all_but_the_last_interval(out, side, t_kill, interval, name="train_loss")
 
 
 @pytest.mark.xfail(reason="needs the recorder's time-based sync (branch recorder)", strict=True)
@@ -52,9 +54,9 @@ def test_hf_trainer_killed_keeps_every_step_older_than_one_flush_interval(tmp_pa
     out, side = tmp_path / "out", tmp_path / "done.txt"
     proc = fh.start_job("hf", out, side, "--step-seconds", "0.4")
     try:
-        t_kill = fh.kill_at_random_point(proc, side, out, seed=3, lo=6.0, hi=8.0)
+        fh.wait_for_steps(proc, side, 1, out)
+        interval = fh.flush_interval(out / "dynamics")
+        t_kill = fh.kill_at_random_point(proc, side, out, seed=3, lo=interval + 2, hi=interval + 3.5)
     finally:
         fh.stop(proc)
-    fh.assert_kept_all_but_the_last_interval(
-        out / "dynamics", side, t_kill, DEFAULT_FLUSH_SECONDS, name="train_loss"
-    )
+    fh.assert_kept_all_but_the_last_interval(out / "dynamics", side, t_kill, interval, name="train_loss")
