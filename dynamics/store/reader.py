@@ -1,7 +1,9 @@
 """Load run directories into pandas DataFrames (analysis side).
 
-Reading is safe while a run is still being written: only complete, renamed parts are read;
-a leftover temporary file from a killed writer is skipped with a warning that names it.
+Reading is safe while a run is still being written: only complete, renamed parts are read.
+Nothing on disk makes loading fail: a temporary file (a flush in progress, or a writer killed
+mid-flush), a truncated part or a half-written run.json is skipped or recovered with a warning
+that names it.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from dynamics.store import schema
 
 __all__ = ["RunSet", "load_runs", "find_run_dirs"]
 
-_METRIC_DTYPES = {"step": "int64", "name": "str", "task": "str", "task_b": "str", "value": "float64"}
-_SCORE_DTYPES = {"task": "str", "metric": "str", "value": "float64"}
+_METRIC_DTYPES = schema.METRIC_DTYPES  # run_id first, then the row columns
+_SCORE_DTYPES = schema.SCORE_DTYPES
 _RUN_BASE_COLUMNS = ["run_id", "path", "n_steps", "tasks", "created"]
 
 
@@ -58,7 +60,7 @@ class RunSet:
         """Build a RunSet in memory (synthetic data, tests), with the same dtypes as :func:`load_runs`."""
         if "run_id" not in runs.columns:
             raise ValueError("runs needs a 'run_id' column")
-        missing = {"run_id", *_METRIC_DTYPES} - set(metrics.columns)
+        missing = set(_METRIC_DTYPES) - {"task", "task_b"} - set(metrics.columns)
         if missing:
             raise ValueError(
                 f"metrics lacks columns {sorted(missing)}; expected run_id, step, name, task, task_b, value"
@@ -67,10 +69,10 @@ class RunSet:
         for col in ("task", "task_b"):
             if col not in metrics:
                 metrics[col] = ""
-        metrics = _typed(metrics[["run_id", *_METRIC_DTYPES]], {"run_id": "str", **_METRIC_DTYPES})
+        metrics = _typed(metrics[list(_METRIC_DTYPES)], _METRIC_DTYPES)
         if scores is None:
-            scores = pd.DataFrame(columns=["run_id", *_SCORE_DTYPES])
-        scores = _typed(scores[["run_id", *_SCORE_DTYPES]], {"run_id": "str", **_SCORE_DTYPES})
+            scores = pd.DataFrame(columns=list(_SCORE_DTYPES))
+        scores = _typed(scores[list(_SCORE_DTYPES)], _SCORE_DTYPES)
         runs = runs.copy()
         runs["run_id"] = runs["run_id"].astype("str")
         if "n_steps" not in runs:
@@ -141,44 +143,82 @@ def find_run_dirs(paths_or_globs: str | os.PathLike[str] | Iterable[str | os.Pat
     return unique
 
 
-def _read_info(run_dir: Path) -> dict:
+def _read_info(run_dir: Path) -> dict | None:
+    """run.json as a dict, or ``None`` (with a warning) when it is missing, half-written or foreign."""
     path = run_dir / schema.RUN_FILE
     try:
         info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(
-            f"{path} is corrupt ({err.msg} at line {err.lineno}); restore it from a backup or rewrite it "
-            "(it needs at least run_id and tasks)"
-        ) from err
-    if not isinstance(info, dict) or "run_id" not in info or "tasks" not in info:
-        raise ValueError(f"{path} lacks 'run_id' or 'tasks'; it was not written by dynamics' RunWriter")
-    return info
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"is unreadable ({err})"
+    else:
+        if isinstance(info, dict) and "run_id" in info and "tasks" in info:
+            return info
+        problem = "lacks 'run_id' or 'tasks' (not written by dynamics' RunWriter?)"
+    warnings.warn(
+        f"{path} {problem}: the run's rows are loaded with its id taken from its parts (or its directory "
+        "name), its tasks from its rows, and no tags; restore run.json to get its tags back",
+        stacklevel=3,
+    )
+    return None
 
 
 def _read_parts(run_dir: Path) -> pa.Table | None:
+    """Every complete part, in the order written, as one table of the row columns (no run_id).
+
+    Temporary files (a flush in progress, or a writer killed mid-flush) and unreadable parts (a
+    truncated copy) are skipped with a warning that names them; loading never fails on them.
+    """
     metrics_dir = run_dir / schema.METRICS_DIR
-    tables = []
-    for tmp in sorted(metrics_dir.glob(f"*{schema.TMP_SUFFIX}")):
+    tmps = sorted(p.name for p in metrics_dir.glob(f"*{schema.TMP_SUFFIX}"))
+    if tmps:
         warnings.warn(
-            f"skipping {tmp}: a part that was never completed (its writer was killed mid-flush); "
-            "rows in it were not flushed and are lost, all complete parts are read",
+            f"skipping {len(tmps)} temporary file(s) in {metrics_dir} ({', '.join(tmps[:3])}): a flush in "
+            "progress or a part that was never completed (its writer was killed mid-flush); all complete "
+            "parts are read",
             stacklevel=3,
         )
-    for part in sorted(metrics_dir.glob(f"{schema.PART_PREFIX}*{schema.PART_SUFFIX}")):
+    tables = []
+    parts = [p for p in metrics_dir.glob(f"{schema.PART_PREFIX}*{schema.PART_SUFFIX}")]
+    ordered = sorted(
+        (p for p in parts if schema.part_seq(p.name) is not None),
+        key=lambda p: (schema.part_seq(p.name), p.name),
+    )
+    for part in ordered:
         try:
-            tables.append(pq.read_table(part))
-        except (pa.ArrowInvalid, OSError) as err:
-            warnings.warn(f"skipping unreadable part {part}: {err}", stacklevel=3)
+            table = pq.read_table(part)
+            run_ids = table.column("run_id").unique().to_pylist() if "run_id" in table.column_names else []
+            table = table.select(list(schema.ROW_COLUMNS)).cast(
+                pa.schema([schema.METRIC_SCHEMA.field(c) for c in schema.ROW_COLUMNS])
+            )
+        except (pa.ArrowInvalid, OSError, KeyError) as err:
+            warnings.warn(f"skipping unreadable part {part} (truncated or foreign): {err}", stacklevel=3)
+            continue
+        tables.append((table, run_ids))
     if not tables:
         return None
-    return pa.concat_tables(tables)
+    merged = pa.concat_tables([t for t, _ in tables])
+    ids = sorted({i for _, run_ids in tables for i in run_ids if i})
+    return merged.replace_schema_metadata({"run_ids": ",".join(ids)})
+
+
+def _read_scores(run_dir: Path) -> pd.DataFrame | None:
+    path = run_dir / schema.SCORES_FILE
+    if not path.exists():
+        return None
+    try:
+        frame = pq.read_table(path).to_pandas()
+        return frame[[c for c in schema.SCORE_COLUMNS if c != "run_id"]]
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        warnings.warn(f"skipping unreadable {path}: {err}", stacklevel=3)
+        return None
 
 
 def load_runs(paths_or_globs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> RunSet:
     """Load one or more runs (directories, folders of runs, or globs) into a :class:`RunSet`.
 
-    A (step, name, task, task_b) key logged twice, as happens when a run resumes from a checkpoint,
-    keeps its latest value.
+    A (step, name, task, task_b) key logged twice keeps its latest value (a resume deletes the steps
+    after its checkpoint from disk, so raw readers see no duplicates either). Truncated parts,
+    temporary files and a half-written run.json never make loading fail: each is named in a warning.
 
     Example:
         >>> rs = load_runs("out/**/dynamics")  # doctest: +SKIP
@@ -189,6 +229,11 @@ def load_runs(paths_or_globs: str | os.PathLike[str] | Sequence[str | os.PathLik
     seen: dict[str, Path] = {}
     for run_dir in run_dirs:
         info = _read_info(run_dir)
+        table = _read_parts(run_dir)
+        if info is None:  # recover what the rows say: nothing on disk is hidden by a bad run.json
+            ids = (table.schema.metadata or {}).get(b"run_ids", b"").decode().split(",") if table else []
+            tasks = sorted(set(table.column("task").to_pylist()) - {""}) if table is not None else []
+            info = {"run_id": ids[0] if ids and ids[0] else run_dir.name, "tasks": tasks}
         run_id = str(info["run_id"])
         if run_id in seen:
             raise ValueError(
@@ -196,17 +241,17 @@ def load_runs(paths_or_globs: str | os.PathLike[str] | Sequence[str | os.PathLik
                 "load them separately or give one a new run_id in its run.json"
             )
         seen[run_id] = run_dir
-        table = _read_parts(run_dir)
         n_steps = 0
         if table is not None and table.num_rows:
-            table = table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
+            # run.json's id is authoritative (a copied run may have been given a new one).
+            table = table.replace_schema_metadata(None)
+            table = table.add_column(0, "run_id", pa.array([run_id] * table.num_rows, pa.string()))
             metric_tables.append(table)
             n_steps = int(pa.compute.max(table.column("step")).as_py())
-        scores_path = run_dir / schema.SCORES_FILE
-        if scores_path.exists():
-            frame = pq.read_table(scores_path).to_pandas()
-            frame.insert(0, "run_id", run_id)
-            score_frames.append(frame)
+        scores = _read_scores(run_dir)
+        if scores is not None:
+            scores.insert(0, "run_id", run_id)
+            score_frames.append(scores)
         row = {
             "run_id": run_id,
             "path": str(run_dir),
@@ -218,18 +263,18 @@ def load_runs(paths_or_globs: str | os.PathLike[str] | Sequence[str | os.PathLik
             row.setdefault(key, value)
         run_rows.append(row)
 
-    runs = pd.DataFrame(run_rows)
+    runs = pd.DataFrame(run_rows, columns=None if run_rows else _RUN_BASE_COLUMNS)
     if metric_tables:
         metrics = pa.concat_tables(metric_tables).to_pandas()
-        metrics = metrics[["run_id", *_METRIC_DTYPES]]
-        # Later parts win: resumed runs re-log the steps after their checkpoint.
+        metrics = metrics[list(_METRIC_DTYPES)]
+        # Later parts win: a key logged twice (an appending writer re-logging a step) keeps its last value.
         metrics = metrics.drop_duplicates(["run_id", *schema.KEY_COLUMNS], keep="last")
-        metrics = _typed(metrics, {"run_id": "str", **_METRIC_DTYPES})
+        metrics = _typed(metrics, _METRIC_DTYPES)
     else:
-        metrics = _typed(pd.DataFrame(), {"run_id": "str", **_METRIC_DTYPES})
-    scores = (
-        _typed(pd.concat(score_frames, ignore_index=True), {"run_id": "str", **_SCORE_DTYPES})
+        metrics = _typed(pd.DataFrame(), _METRIC_DTYPES)
+    scores_frame = (
+        _typed(pd.concat(score_frames, ignore_index=True), _SCORE_DTYPES)
         if score_frames
-        else _typed(pd.DataFrame(), {"run_id": "str", **_SCORE_DTYPES})
+        else _typed(pd.DataFrame(), _SCORE_DTYPES)
     )
-    return RunSet(runs, metrics.reset_index(drop=True), scores)
+    return RunSet(runs, metrics.reset_index(drop=True), scores_frame)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from dynamics import RunWriter, load_runs
@@ -29,7 +31,7 @@ def _random_rows(rng: np.random.Generator, n: int, step0: int = 0) -> pd.DataFra
 def test_rows_logged_are_rows_loaded_across_runs_and_flushes(tmp_path):
     rng = np.random.default_rng(0)
     expected = {}
-    for r, flush_every in enumerate([1, 7, 10_000]):
+    for r, flush_every in enumerate([1, 7, 50_000]):
         rows = _random_rows(rng, 300)
         with RunWriter(
             tmp_path / f"run{r}",
@@ -65,15 +67,25 @@ def test_rows_logged_are_rows_loaded_across_runs_and_flushes(tmp_path):
     ]
 
 
-def test_several_flushes_make_several_parts(tmp_path):
-    with RunWriter(tmp_path / "r", tasks=TASKS, flush_every=5) as w:
+def test_each_flush_makes_one_part_named_for_its_writer(tmp_path):
+    with RunWriter(tmp_path / "r", tasks=TASKS, flush_seconds=3600) as w:
         w.log_many(np.arange(12), "loss", np.arange(12.0), "vqa")
-    parts = sorted((tmp_path / "r" / "metrics").glob("part-*.parquet"))
-    assert len(parts) == 1  # 12 rows at once -> one flush of all 12, nothing left for close
-    with RunWriter(tmp_path / "s", tasks=TASKS, flush_every=5) as w:
-        for s in range(12):
+        w.flush()
+        w.flush()  # nothing buffered: no empty part
+        for s in range(12, 15):
             w.log(s, "loss", float(s), "vqa")
-    assert len(list((tmp_path / "s" / "metrics").glob("part-*.parquet"))) == 3  # 5, 5, and 2 on close
+    parts = sorted(p.name for p in (tmp_path / "r" / "metrics").glob("part-*.parquet"))
+    assert parts == [f"part-000001-{w.writer_id}.parquet", f"part-000002-{w.writer_id}.parquet"]
+    assert load_runs(tmp_path / "r").metrics.value.tolist() == list(map(float, range(15)))
+
+
+def test_flush_every_rows_wakes_the_background_flush(tmp_path):
+    with RunWriter(tmp_path / "r", tasks=TASKS, flush_seconds=3600, flush_every=5) as w:
+        w.log_many(np.arange(6), "loss", 1.0, "vqa")  # over flush_every: written soon, not at close
+        deadline = time.monotonic() + 10
+        while not list((tmp_path / "r" / "metrics").glob("part-*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(load_runs(tmp_path / "r").metrics) == 6
 
 
 def test_nan_and_inf_values_are_data(tmp_path):
@@ -92,19 +104,23 @@ def test_scores_round_trip_and_merge(tmp_path):
     assert scores[("", "multitask_score")] == 0.6 and len(scores) == 3
 
 
-def test_resume_appends_and_later_values_win(tmp_path):
+def test_resume_replaces_the_steps_after_the_checkpoint(tmp_path):
     with RunWriter(tmp_path / "r", tasks=TASKS, tags={"seed": 1}) as w:
         w.log_many(np.arange(10), "loss", np.zeros(10), "vqa")
         run_id = w.run_id
-    # Resume from a checkpoint at step 5: steps 5..9 are logged again with new values.
-    with RunWriter(tmp_path / "r", tasks=TASKS) as w:
+    # Resume from a checkpoint at step 4: steps 5..9 are logged again with new values.
+    with RunWriter(tmp_path / "r", tasks=TASKS, resume_step=4) as w:
         assert w.run_id == run_id
         w.log_many(np.arange(5, 12), "loss", np.ones(7), "vqa")
     m = load_runs(tmp_path / "r").metrics
     assert m.step.tolist() == list(range(12))
     assert m.value.tolist() == [0.0] * 5 + [1.0] * 7
+    raw = pq.read_table(tmp_path / "r" / "metrics").to_pandas()  # a reader without our de-duplication
+    assert sorted(raw.step) == list(range(12)) and set(raw.run_id) == {run_id}
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["tags"] == {"seed": 1} and [r["step"] for r in info["resumes"]] == [4]
     with pytest.raises(ValueError, match="resume with the same tasks"):
-        RunWriter(tmp_path / "r", tasks=["other"])
+        RunWriter(tmp_path / "r", tasks=["other"], resume_step=4)
 
 
 def test_from_frames_matches_loaded_dtypes(tmp_path):
