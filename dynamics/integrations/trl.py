@@ -55,7 +55,7 @@ from torch import nn
 from dynamics.integrations import distributed as dist_utils
 from dynamics.integrations.task_ids import TASK_IDS_KEY
 
-__all__ = ["TaskIdCollator", "adapt", "keep_task_ids_through_packing"]
+__all__ = ["TaskIdCollator", "adapt", "keep_task_ids_through_packing", "names_to_indices", "segment_losses"]
 
 PAD_TASK_ID = -1  # per-token ids of padding positions: no token, no example
 
@@ -379,6 +379,11 @@ def _install_observer(recorder: Any) -> _Observer:
 # ---------------------------------------------------------------------------- DPO
 
 
+def _drop_task_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    kwargs.pop(TASK_IDS_KEY, None)
+    return args, kwargs
+
+
 class _DpoMeter:
     """Per-task DPO loss and rewards from the log-probs of the forwards ``DPOTrainer`` runs.
 
@@ -411,6 +416,8 @@ class _DpoMeter:
         original = trainer.compute_loss
         self._original = original
         trainer.compute_loss = self.compute_loss
+        if trainer.ref_model is not None:  # e.g. precomputing reference log-probs calls it with the batch
+            trainer.ref_model.register_forward_pre_hook(_drop_task_ids, with_kwargs=True)
 
     def _capture(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         fused = _fused(output)
@@ -418,7 +425,7 @@ class _DpoMeter:
             self._captured.append(fused[0].detach())
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        task_ids = inputs.pop(TASK_IDS_KEY, None)
+        task_ids = inputs.pop(TASK_IDS_KEY, None)  # also in evaluation: the reference model takes no task_ids
         if task_ids is None or not self.trainer.model.training:
             return self._original(model, inputs, *args, **kwargs)
         modules = [model] + ([self.trainer.ref_model] if self.trainer.ref_model is not None else [])
@@ -513,6 +520,35 @@ def _dpo_callback(meter: _DpoMeter) -> Any:
     return DpoRewardsCallback()
 
 
+def names_to_indices(dataset: Any, tasks: Sequence[str]) -> Any:
+    """``dataset`` with task names in its ``task_ids`` column replaced by their indices in ``tasks``.
+
+    Per example or per token (packed rows); names not in ``tasks`` become ``len(tasks)`` (the
+    recorder reports such ids once). Datasets without names, or that are not ``datasets``
+    datasets, are returned unchanged (the collator converts names batch by batch then).
+    """
+    from datasets import Dataset, IterableDataset
+
+    if not isinstance(dataset, (Dataset, IterableDataset)):
+        return dataset
+    columns = dataset.column_names or []
+    if TASK_IDS_KEY not in columns:
+        return dataset
+    first = next(iter(dataset))[TASK_IDS_KEY]
+    sample = first[0] if isinstance(first, list) and first else first
+    if not isinstance(sample, str):
+        return dataset
+    index = {name: i for i, name in enumerate(tasks)}
+
+    def convert(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        values = batch[TASK_IDS_KEY]
+        if values and isinstance(values[0], list):
+            return {TASK_IDS_KEY: [[index.get(v, len(index)) for v in row] for row in values]}
+        return {TASK_IDS_KEY: [index.get(v, len(index)) for v in values]}
+
+    return dataset.map(convert, batched=True)
+
+
 # ---------------------------------------------------------------------------- entry point
 
 
@@ -534,6 +570,8 @@ def adapt(trainer: Any, callback: Any) -> None:
             recorder.warn_once,
             per_example=isinstance(trainer, DPOTrainer),
         )
+    # Task names as indices once, so the probe-batch builder and the recorder see ints.
+    trainer.train_dataset = names_to_indices(trainer.train_dataset, recorder.tasks)
     args = trainer.args
     columns = getattr(trainer.train_dataset, "column_names", None)
     has_ids = columns is None or TASK_IDS_KEY in columns

@@ -318,8 +318,13 @@ def test_dpo_other_losses_say_what_is_not_recorded(tmp_path):
     assert store_table(tmp_path / "dynamics", "reward_margin").notna().all().all()
 
 
-def test_trl_sft_recipe(tmp_path):
-    run_dir = runpy.run_path(str(HOOKS / "trl_sft.py"))["main"](["--out", str(tmp_path), "--steps", "4"])
+@pytest.mark.parametrize("flags", [[], ["--packing"], ["--lora"]], ids=["chat", "packing", "lora"])
+def test_trl_sft_recipe(tmp_path, flags):
+    args = ["--out", str(tmp_path), "--steps", "4", "--probe-every", "2", *flags]
+    run_dir = runpy.run_path(str(HOOKS / "trl_sft.py"))["main"](args)
     losses = store_table(run_dir, "loss")
     assert sorted(losses.index) == [1, 2, 3, 4]
     assert losses.notna().all().all()
+    m = dynamics.load_runs(run_dir).metrics
+    probed = sorted(m.loc[m["name"] == "grad_norm", "step"].unique())
+    assert probed == ([] if "--packing" in flags else [2, 4])  # packed rows mix tasks: no probes
