@@ -328,3 +328,48 @@ def test_trl_sft_recipe(tmp_path, flags):
     m = dynamics.load_runs(run_dir).metrics
     probed = sorted(m.loc[m["name"] == "grad_norm", "step"].unique())
     assert probed == ([] if "--packing" in flags else [2, 4])  # packed rows mix tasks: no probes
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused"])
+def test_packed_rows_split_by_task_against_a_token_loop(fused):
+    """Per-token task ids (two packed rows, right padding): per-task S, N and example counts from
+    logits and from a fused output equal an explicit loop over the target tokens (float64)."""
+    from types import SimpleNamespace
+
+    from dynamics.integrations.recorder import Recorder
+    from dynamics.integrations.trl import _install_observer
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 10, 7, generator=gen)
+    labels = torch.randint(0, 7, (2, 10), generator=gen)
+    ids = torch.tensor([[0] * 4 + [1] * 6, [2] * 3 + [0] * 5 + [-1] * 2])
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2, 3, 4, 0, 0]])
+    labels[position_ids == 0] = -100  # as TRL's padding-free collator: no target across examples
+    labels[0, 6] = -100  # an ignored token inside an example
+    labels[ids < 0] = -100
+    sums, counts = [0.0] * 3, [0] * 3
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    for b in range(2):
+        for t in range(9):
+            y = int(labels[b, t + 1])
+            if y != -100:
+                a = int(ids[b, t + 1])
+                sums[a] -= float(logp[b, t, y])
+                counts[a] += 1
+    if fused:
+        targets = labels[:, 1:]
+        mask = targets != -100
+        log_probs = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+        output: Any = SimpleNamespace(log_probs=log_probs * mask, label_mask=mask)
+    else:
+        output = {"logits": logits}
+    recorder = Recorder(TASKS, probe_every=0)
+    observer = _install_observer(recorder)
+    observer(ids, {"labels": labels, "position_ids": position_ids}, output)
+    recorder.end_step(1)
+    logs = recorder.logs()
+    for a, task in enumerate(TASKS):
+        assert logs[f"dynamics/loss/{task}"] == pytest.approx(sums[a] / counts[a], rel=1e-6)
+        assert logs[f"dynamics/n_tokens/{task}"] == counts[a]
+    # Examples: row 0 holds (count, color), row 1 (greet, count); padding is no example.
+    assert [logs[f"dynamics/n_examples/{t}"] for t in TASKS] == [2, 1, 1]
