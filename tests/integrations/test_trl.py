@@ -304,7 +304,9 @@ def test_dpo_records_per_task_loss_and_reward_margins(tmp_path):
             h["rewards/margins"], rel=1e-4, abs=1e-6
         )
     for step in logged:
-        assert set(margins.columns[margins.loc[step].notna()]) == _tasks_in(_step_rows(trainer, step))
+        present = _tasks_in(_step_rows(trainer, step))
+        assert set(margins.columns[margins.loc[step].notna()]) == present
+        assert set(loss.columns[loss.loc[step].notna()]) == present
 
 
 def test_dpo_other_losses_say_what_is_not_recorded(tmp_path):
