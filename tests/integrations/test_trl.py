@@ -375,3 +375,35 @@ def test_packed_rows_split_by_task_against_a_token_loop(fused):
         assert logs[f"dynamics/n_tokens/{task}"] == counts[a]
     # Examples: row 0 holds (count, color), row 1 (greet, count); padding is no example.
     assert [logs[f"dynamics/n_examples/{t}"] for t in TASKS] == [2, 1, 1]
+
+
+def test_packing_without_the_import_first_says_how_to_fix_it(tmp_path):
+    """In a fresh process where dynamics.integrations.trl is imported only by attach (after TRL has
+    packed the dataset), attach says once why per-task losses are missing and what to do."""
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import runpy, warnings
+r = runpy.run_path({str(HOOKS / "trl_sft.py")!r})
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+tok = r["build_tokenizer"]()
+config = SFTConfig(output_dir={str(tmp_path)!r}, packing=True, max_length=32, max_steps=1, use_cpu=True,
+                   report_to="none", bf16=False, save_strategy="no", disable_tqdm=True)
+trainer = SFTTrainer(model=r["build_model"](len(tok), 0), args=config, processing_class=tok,
+                     train_dataset=Dataset.from_list(r["conversations"](24, 0)))
+import dynamics
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    dynamics.attach(trainer, tasks=r["TASKS"], probe_every=0)
+print(sum("packed its dataset without 'task_ids'" in str(w.message) for w in caught))
+"""
+    root = HOOKS.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=str(root), capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "1"
