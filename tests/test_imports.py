@@ -22,6 +22,7 @@ HEAVY = ("pandas", "scipy", "matplotlib", "seaborn", "statsmodels")
             "from dynamics import attach, DynamicsCallback",
             "from transformers import Trainer, TrainerCallback",
         ),
+        ("from dynamics.lightning import DynamicsCallback", "import lightning.pytorch"),
     ],
 )
 def test_training_side_imports_no_analysis_stack(statement, baseline):

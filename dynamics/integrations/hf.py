@@ -272,4 +272,9 @@ def attach(
     callback = DynamicsCallback(
         tasks, probe_every=probe_every, probe_size=probe_size, tags=tags, out_dir=out_dir, **kwargs
     )
-    return callback.bind(trainer)
+    callback.bind(trainer)
+    if any(cls.__module__.split(".")[0] == "trl" for cls in type(trainer).__mro__):  # TRL: collator, packing
+        from dynamics.integrations.trl import adapt
+
+        adapt(trainer, callback)
+    return callback
