@@ -14,6 +14,7 @@ on the first and low on the second; an IMAX model, which sees every source, shou
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -67,7 +68,7 @@ def generate_answers(
                 chunk = idx[s : s + batch_size]
                 batch = {k: v.to(model.device) for k, v in collate([dataset[i] for i in chunk]).items()}
                 n_prompt = batch["input_ids"].shape[1]
-                gen = model.generate(
+                gen = cast(Any, model).generate(
                     **batch,
                     max_new_tokens=MAX_ANSWER_WORDS[task] + 1,
                     do_sample=False,

@@ -200,7 +200,12 @@ def candidates(
         if task == "reg":
             # Two regions quantised to the same cells would make the phrase ambiguous: keep the first.
             seen: set[str] = set()
-            out = [c for c in out if not (c.instruction in seen or seen.add(c.instruction))]
+            kept: list[Candidate] = []
+            for c in out:
+                if c.instruction not in seen:
+                    seen.add(c.instruction)
+                    kept.append(c)
+            out = kept
     else:  # vqa
         labels = ph.labels()
         for f in FINDINGS:

@@ -239,7 +239,7 @@ def training_args(out: Path, cfg: TrainConfig, max_steps: int, seed: int, **extr
 
 def build_model(arch: Arch, tok, cfg: TrainConfig, seed: int, init_from: str | Path | None):
     """The model an arm fine-tunes: the stage-0 checkpoint (or a random init), LoRA-wrapped if asked."""
-    net = arch.build(tok, seed=seed)
+    net: Any = arch.build(tok, seed=seed)
     if init_from is not None:
         state = torch.load(Path(init_from) / "model.pt", map_location="cpu", weights_only=True)
         net.load_state_dict(state)
