@@ -88,6 +88,7 @@ class PseudoResult:
     construction: Construction
     is_pseudo: list[bool]
     stats: dict = field(default_factory=dict)
+    origin: list[str] = field(default_factory=list)  # per pseudo entry: "rule" or "model"
 
     def weights(self, pseudo_weight: float) -> list[float]:
         """Loss weight per entry: 1 for real DMAX entries, ``pseudo_weight`` for pseudo ones."""
@@ -311,7 +312,7 @@ def densify(
         "accuracy_by_task": {t: acc([e.task == t for e in pseudo]) for t in TASK_NAMES},
         "entries_by_task": {t: int(sum(1 for e in pseudo if e.task == t)) for t in TASK_NAMES},
     }
-    return PseudoResult(cons, [False] * len(dmax.entries) + [True] * len(pseudo), stats)
+    return PseudoResult(cons, [False] * len(dmax.entries) + [True] * len(pseudo), stats, origin)
 
 
 __all__ = ["Query", "PseudoResult", "rule_answers", "plan_queries", "densify", "is_correct"]
