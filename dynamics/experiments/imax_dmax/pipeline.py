@@ -17,24 +17,19 @@ are never redone, so rerunning the same command after a crash continues where it
 adding models, seeds or arms only trains the new runs.
 
 Runs train in worker processes (``workers``, default 2 on 2+ cores), each run after its stage-0
-checkpoint. Workers die with the pipeline: on Linux each asks the kernel for SIGKILL when its
-parent dies (``prctl(PR_SET_PDEATHSIG)``), elsewhere a watchdog thread exits when the parent is
-gone; so a SIGKILL of ``dynamics reproduce`` leaves no training processes behind.
+checkpoint. Workers die with the pipeline (``workers.py``: ``prctl(PR_SET_PDEATHSIG)`` on Linux,
+a watchdog thread elsewhere, armed before any heavy import), so a SIGKILL of ``dynamics
+reproduce`` leaves no training processes behind.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
 import multiprocessing as mp
 import os
 import shutil
-import signal
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,7 +46,6 @@ from dynamics.experiments.imax_dmax.presets import (
     Preset,
     Replicate,
     get_preset,
-    preset_from_json,
     replicate_label,
 )
 from dynamics.experiments.imax_dmax.pretrain import DONE_FILE as PRETRAIN_DONE
@@ -59,6 +53,7 @@ from dynamics.experiments.imax_dmax.pretrain import checkpoint_name, pretrain
 from dynamics.experiments.imax_dmax.sources import SOURCE_SEED, make_sources
 from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
 from dynamics.experiments.imax_dmax.train import DONE_FILE, train_run
+from dynamics.experiments.imax_dmax.workers import STATE, die_with_parent, init_worker
 
 LOCK_FILE = ".lock"
 
@@ -104,34 +99,6 @@ class OutLock:
             self.fd = None
 
 
-# ---- workers that die with their parent -----------------------------------------------------
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Make this process exit when ``parent_pid`` dies (see the module docstring)."""
-    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    armed = False
-    if libc_name:
-        try:
-            armed = (
-                ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-            )
-        except (OSError, AttributeError):
-            armed = False
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
-    if armed:
-        return
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
-
-
 def _check_config(out: Path, preset: Preset) -> None:
     cfg = out / "config.json"
     if cfg.exists():
@@ -166,7 +133,7 @@ def make_bundle(p: Preset, r: Replicate, verbose: bool = False) -> DataBundle:
 
 
 # ---- jobs: a stage-0 checkpoint or one run; the same functions in-process and in workers -------
-_WORKER: dict = {}
+_WORKER = STATE  # the worker's state (workers.py), also used in-process when workers=1
 
 
 def _bundle(p: Preset, r: Replicate) -> DataBundle:
@@ -197,15 +164,6 @@ def _run_job(p: Preset, job: tuple, out: Path, progress: Callable[[int], None]) 
         tags={"seed": replicate_label(r), "data_seed": str(r[0]), "style_seed": str(r[1]), "init_seed": str(r[2])},
     )  # fmt: skip
     return run_name(model, arm, r)
-
-
-def _init_worker(preset_json: dict, queue, threads: int, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER["preset"] = preset_from_json(preset_json)
-    _WORKER["queue"] = queue
 
 
 def _worker_job(job: tuple, out: str) -> str:
@@ -261,7 +219,7 @@ def _train_all(p: Preset, jobs: list[tuple], deps: dict, out: Path, n_workers: i
     with ProcessPoolExecutor(
         max_workers=n_workers,
         mp_context=ctx,
-        initializer=_init_worker,
+        initializer=init_worker,
         initargs=(p.to_json(), queue, threads, os.getpid()),
     ) as pool:
 
