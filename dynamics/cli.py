@@ -162,15 +162,35 @@ def summary_cmd(
 @reproduce_app.command("imax-dmax")
 def reproduce_imax_dmax_cmd(
     out: Annotated[Path, typer.Option("--out", help="Output folder (reused to resume an interrupted run).")],
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset", help="quick (smoke test), main (default, ~10 min on 2 cores) or full (~2 h)."
+        ),
+    ] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="Smoke-test preset (2 models, 1 seed, minutes).")
+        bool, typer.Option("--quick", help="The smoke-test preset (same as --preset quick).")
     ] = False,
+    arms: Annotated[
+        str | None,
+        typer.Option("--arms", help="Comma-separated arms: IMAX,DMAX,DMAX-mixed,DMAX-3stage (default: all)."),
+    ] = None,
+    finetune: Annotated[
+        str | None,
+        typer.Option(
+            "--finetune", help="full or lora fine-tuning from the stage-0 checkpoint (default: full)."
+        ),
+    ] = None,
     model: Annotated[
         list[str] | None,
         typer.Option("--model", help="Architecture to train (repeatable); default: the preset's."),
     ] = None,
     seed: Annotated[
-        list[int] | None, typer.Option("--seed", help="Seed (repeatable); default: the preset's.")
+        list[str] | None,
+        typer.Option(
+            "--seed",
+            help="Seed replicate N or DATA:STYLE:INIT (repeatable); default: the preset's replicates.",
+        ),
     ] = None,
     heterogeneity: Annotated[
         float | None,
@@ -185,20 +205,24 @@ def reproduce_imax_dmax_cmd(
         bool, typer.Option("--progress/--no-progress", help="Show a progress bar with ETA.")
     ] = True,
 ) -> None:
-    """Reproduce IMAX versus DMAX on synthetic chest X-rays: train, evaluate, analyse, report."""
-    from dynamics.experiments.imax_dmax.pipeline import reproduce
+    """Reproduce IMAX versus DMAX on synthetic chest X-rays: stage 0, four arms, evaluation, report."""
+    from dynamics.experiments.imax_dmax.pipeline import ReproductionRunning, reproduce
 
+    if quick and preset not in (None, "quick"):
+        raise _fail(ValueError(f"--quick and --preset {preset} contradict each other; give one"))
     try:
         path = reproduce(
             out,
-            quick=quick,
+            preset="quick" if quick else (preset or "main"),
             models=model,
             seeds=seed,
+            arms=[a.strip() for a in arms.split(",") if a.strip()] if arms else None,
+            finetune=finetune,
             heterogeneity=heterogeneity,
             progress=progress,
             workers=workers,
         )
-    except ValueError as err:
+    except (ValueError, ReproductionRunning) as err:
         raise _fail(err) from err
     typer.echo(str(path))
 

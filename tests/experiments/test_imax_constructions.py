@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 
 from dynamics.experiments.imax_dmax.constructions import build_bundle, build_imax
@@ -102,5 +103,49 @@ def test_builder_rejects_bad_input():
         build_imax(50, sources=src, size=48, seed=0, tasks_per_image=4.1, entries_per_image=3.0)
     with pytest.raises(ValueError, match="spare slots"):
         build_imax(50, sources=src, size=48, seed=0, tasks_per_image=2.0, entries_per_image=20.0)
-    with pytest.raises(ValueError, match="construction"):
+    with pytest.raises(ValueError, match="unknown arm 'CMAX'"):
         build_bundle(20, 5).train("CMAX")
+
+
+def test_dmax_mixed_has_dmax_counts_one_task_per_image_and_imaxs_source_mix(bundle):
+    imax, dmax, mixed = bundle.imax, bundle.dmax, bundle.dmax_mixed
+    assert Counter(e.task for e in mixed.entries) == Counter(e.task for e in dmax.entries)
+    mult = lambda es: {t: sorted(m for (_, tt), m in _pairs(es).items() if tt == t) for t in TASK_NAMES}  # noqa: E731
+    assert mult(mixed.entries) == mult(dmax.entries)
+    tasks_of = defaultdict(set)
+    for e in mixed.entries:
+        tasks_of[e.image_id].add(e.task)
+    assert all(len(ts) == 1 for ts in tasks_of.values()) and set(tasks_of) == set(mixed.images)
+    assert not set(mixed.images) & (set(imax.images) | set(dmax.images) | set(bundle.eval.images))
+    # Sources: every task's images spread over all seven sources, balanced within the task (as IMAX's).
+    for t in TASK_NAMES:
+        n_img = Counter(mixed.images[i].source for i, ts in tasks_of.items() if t in ts)
+        assert set(n_img) == set(range(len(TASK_NAMES))) or sum(n_img.values()) < len(TASK_NAMES)
+        assert max(n_img.values()) - min(n_img.values()) <= 1
+    assert mixed.stats()["tasks_per_image"] == 1.0
+    assert bundle.train("dmax-mixed") is mixed and bundle.train("DMAX-3stage") is dmax
+
+
+def test_common_probe_set_is_fresh_all_sources_all_tasks(bundle):
+    pr = bundle.probe
+    assert set(Counter(e.image_id for e in pr.entries).values()) == {len(TASK_NAMES)}
+    others = (
+        set(bundle.imax.images)
+        | set(bundle.dmax.images)
+        | set(bundle.dmax_mixed.images)
+        | set(bundle.eval.images)
+    )
+    assert not set(pr.images) & others
+
+
+def test_style_seed_draws_other_sources_data_seed_other_images():
+    a, b, c = (
+        build_bundle(20, 7, seed=0, style_seed=0),
+        build_bundle(20, 7, seed=0, style_seed=1),
+        build_bundle(20, 7, seed=1),
+    )
+    assert a.sources != b.sources and a.sources == c.sources
+    # Same data seed: the same phantoms (answers), rendered in other styles.
+    assert [r.phantom.ctr for r in a.imax.images.values()] == [r.phantom.ctr for r in b.imax.images.values()]
+    assert not np.array_equal(a.imax.images[0].pixels, b.imax.images[0].pixels)
+    assert [e.answer for e in a.imax.entries] != [e.answer for e in c.imax.entries]

@@ -1,33 +1,50 @@
-"""results.md tables from run stores (synthetic RunSet), presets and the resume guard."""
+"""results.md tables from run stores (synthetic RunSet), the attainable-p helpers, presets and the resume guard."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from dynamics.experiments.imax_dmax import results as R
+from dynamics.experiments.imax_dmax.constructions import ARMS
 from dynamics.experiments.imax_dmax.pipeline import _check_config, run_name
-from dynamics.experiments.imax_dmax.presets import FULL, QUICK, get_preset, preset_from_json
+from dynamics.experiments.imax_dmax.presets import (
+    FULL,
+    MAIN,
+    QUICK,
+    get_preset,
+    parse_replicate,
+    preset_from_json,
+)
 from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
 from dynamics.store.reader import RunSet
 
+# Per (model, arm): the score of task 0; task t adds 0.01 * t.
+BASE = {
+    ("a", "IMAX"): 0.60, ("a", "DMAX"): 0.50, ("a", "DMAX-mixed"): 0.55, ("a", "DMAX-3stage"): 0.525,
+    ("b", "IMAX"): 0.40, ("b", "DMAX"): 0.45, ("b", "DMAX-mixed"): 0.42, ("b", "DMAX-3stage"): 0.44,
+}  # fmt: skip
+
 
 def _runset():
-    # Two models x two constructions x one seed; task t's score = base + 0.01 * t_index.
     runs, scores = [], []
-    base = {("a", "IMAX"): 0.60, ("a", "DMAX"): 0.50, ("b", "IMAX"): 0.40, ("b", "DMAX"): 0.45}
-    for (model, cons), b in base.items():
-        rid = f"{model}-{cons}"
-        runs.append({"run_id": rid, "construction": cons, "model": model, "seed": "0"})
+    for (model, arm), b in BASE.items():
+        rid = f"{model}-{arm}"
+        runs.append(
+            {"run_id": rid, "construction": arm, "model": model, "seed": "d0-st0-i0", "path": "/nonexistent"}
+        )
         vals = [b + 0.01 * i for i in range(len(TASK_NAMES))]
-        scores += [
-            {"run_id": rid, "task": t, "metric": "score", "value": v}
-            for t, v in zip(TASK_NAMES, vals, strict=True)
-        ]
-        scores += [{"run_id": rid, "task": t, "metric": "accuracy", "value": 0.0} for t in TASK_NAMES]
+        for t, v in zip(TASK_NAMES, vals, strict=True):
+            scores += [
+                {"run_id": rid, "task": t, "metric": "score", "value": v},
+                {"run_id": rid, "task": t, "metric": "score_home", "value": v + 0.1},
+                {"run_id": rid, "task": t, "metric": "score_shifted", "value": v - 0.1},
+            ]
         scores.append({"run_id": rid, "task": "", "metric": "multitask_score", "value": float(np.mean(vals))})
     metrics = pd.DataFrame(
         {
@@ -42,57 +59,95 @@ def _runset():
     return RunSet.from_frames(pd.DataFrame(runs), metrics, pd.DataFrame(scores))
 
 
-def test_multitask_table_by_hand():
+def _baselines(v=0.5):
+    return {"d0-st0-i0": {k: {t: {"score": v} for t in TASK_NAMES} for k in ("majority", "blind")}}
+
+
+def test_learning_table_counts_runs_beating_their_replicates_majority():
     per_run = R.run_scores(_runset())
-    assert set(per_run.columns) >= {"construction", "model", "seed", "multitask_score", *TASK_NAMES}
-    mt = R.multitask_table(per_run)
-    off = 0.01 * np.mean(range(len(TASK_NAMES)))  # mean of the per-task offsets, 0.03
-    assert mt.loc["a", "IMAX"] == pytest.approx(0.60 + off)
-    assert mt.loc["a", "diff"] == pytest.approx(0.10)
-    assert mt.loc["a", "rel_pct"] == pytest.approx(100 * 0.10 / (0.50 + off))
-    assert mt.loc["b", "diff"] == pytest.approx(-0.05)
-    assert mt.loc["a", "n_seeds"] == 1
+    lt = R.learning_table(per_run, _baselines(), list(ARMS))
+    # calculation (offset 0): IMAX runs 0.60, 0.40 -> one reaches 0.55; DMAX 0.50, 0.45 -> none
+    assert (lt.loc["calculation", "beat_IMAX"], lt.loc["calculation", "n_IMAX"]) == (1, 2)
+    assert lt.loc["calculation", "beat_DMAX"] == 0
+    # vqa (offset 0.06): DMAX-mixed 0.61, 0.48 -> one
+    assert lt.loc["vqa", "beat_DMAX-mixed"] == 1
+    assert lt.loc["vqa", "IMAX"] == pytest.approx((0.66 + 0.46) / 2)
 
 
-def test_task_table_counts_runs_beating_the_majority_baseline():
+def test_gap_closed_by_hand():
     per_run = R.run_scores(_runset())
-    base = {k: {t: {"score": 0.5} for t in TASK_NAMES} for k in ("majority", "blind")}
-    tt = R.task_table(per_run, base)
-    # calculation (offset 0): run scores 0.60, 0.50, 0.40, 0.45; only 0.60 >= 0.5 + 0.05
-    assert tt.loc["calculation", "beat"] == 1 and tt.loc["calculation", "worst_run"] == pytest.approx(0.40)
-    # vqa (offset 0.06): 0.66, 0.56, 0.46, 0.51 -> two runs reach 0.55
-    assert tt.loc["vqa", "beat"] == 2
-    assert (tt.loc["vqa", "beat_IMAX"], tt.loc["vqa", "beat_DMAX"]) == (1, 1)
-    assert tt.loc["vqa", "n_IMAX"] == 2
-    assert tt.loc["vqa", "IMAX"] == pytest.approx((0.66 + 0.46) / 2)
+    m = R.paired_means(per_run, ["IMAX", "DMAX", "DMAX-3stage"], ["calculation"])
+    imax, dmax, three = (0.60 + 0.40) / 2, (0.50 + 0.45) / 2, (0.525 + 0.44) / 2
+    assert m.loc["IMAX", "calculation"] == pytest.approx(imax)
+    assert R.gap_closed(imax, dmax, three) == pytest.approx((three - dmax) / (imax - dmax))
+    assert np.isnan(R.gap_closed(0.5, 0.495, 0.6))  # no gap to close
 
 
-def test_write_results_reads_numbers_from_the_runset(tmp_path):
+def test_min_p_signed_rank_is_the_exact_wilcoxon_minimum():
+    for n in range(1, 9):
+        d = np.arange(1, n + 1, dtype=float)  # every pair the same sign: the most extreme pattern
+        assert R.min_p_signed_rank(n) == pytest.approx(stats.wilcoxon(d, method="exact").pvalue)
+        # brute force over all 2^n sign flips of the mean difference
+        flips = [np.mean(d * s) for s in itertools.product([-1, 1], repeat=n)]
+        assert R.min_p_signed_rank(n) == pytest.approx(np.mean(np.abs(flips) >= np.mean(d) - 1e-12))
+
+
+def test_min_p_permutation_corr_is_the_exact_permutation_minimum():
+    for n in (3, 4, 5):
+        x = np.arange(n, dtype=float)
+        res = stats.permutation_test(
+            (x, x),
+            lambda a, b: stats.spearmanr(a, b).statistic,
+            permutation_type="pairings",
+            n_resamples=10**6,
+        )
+        assert R.min_p_permutation_corr(n) == pytest.approx(res.pvalue)
+
+
+def test_write_results_leads_with_what_the_run_supports(tmp_path):
     rs = _runset()
-    data = {c: {"images": 10, "entries": 75, "tasks_per_image": 4.1, "entries_per_image": 7.5,
-                "entries_per_task": {t: 1 for t in TASK_NAMES}} for c in ("IMAX", "DMAX")}  # fmt: skip
-    data["eval"] = {"images": 3}
-    base = {k: {t: {"score": 0.1} for t in TASK_NAMES} for k in ("majority", "blind")}
-    path = R.write_results(tmp_path, rs, QUICK.to_json(), data, base, [])
-    text = path.read_text()
-    assert "| a | 0.630 | 0.530 | +0.100 |" in text
-    assert "IMAX scores higher for 1 of 2 models." in text
-    assert "no Fisher" in text  # this synthetic store has no probe signals
+    st = {"images": 10, "entries": 75, "tasks_per_image": 4.1, "entries_per_image": 7.5,
+          "entries_per_task": {t: 1 for t in TASK_NAMES}, "sources_per_task": {t: [0] for t in TASK_NAMES}}  # fmt: skip
+    data = {"d0-st0-i0": {c: st for c in ("IMAX", "DMAX", "DMAX-mixed")} | {"eval": {"images": 3}}}
+    text = R.write_results(tmp_path, rs, MAIN.to_json(), data, _baselines(0.1), []).read_text()
+    head = text.splitlines()[2]
+    assert "What this run can and cannot support" in head and "2 pair(s) per arm pair" in head
+    assert "2/2^2 = **0.5**" in head and "no arm difference here can be significant" in head
+    assert "No pretrained start" in text  # no pretrained/ folder next to these synthetic runs
+    assert "| IMAX − DMAX | density and source coverage together" in text
+    assert "no Fisher signals" in text  # this synthetic store has no probe signals
 
 
 def test_presets_and_fingerprint(tmp_path):
-    assert preset_from_json(json.loads(json.dumps(FULL.to_json()))) == FULL
-    assert get_preset("quick") is QUICK
-    more = FULL.with_overrides(models=["llava"], seeds=[5])
-    assert more.models == ("llava",) and more.seeds == (5,)
-    assert more.fingerprint() == FULL.fingerprint()  # models and seeds may grow in a resumed folder
+    for p in (QUICK, MAIN, FULL):
+        assert preset_from_json(json.loads(json.dumps(p.to_json()))) == p
+    assert get_preset("quick") is QUICK and get_preset("main") is MAIN
+    assert (
+        len(FULL.models) >= 5
+        and len({r[0] for r in FULL.replicates}) > 1
+        and len({r[1] for r in FULL.replicates}) > 1
+    )
+    assert set(FULL.arms) == set(ARMS)
+    more = FULL.with_overrides(models=["llava"], seeds=["5", "1:2:3"], arms=["imax", "DMAX"])
+    assert (
+        more.models == ("llava",)
+        and more.replicates == ((5, 5, 5), (1, 2, 3))
+        and more.arms == ("IMAX", "DMAX")
+    )
+    assert more.seeds == ("d5-st5-i5", "d1-st2-i3")
+    assert more.fingerprint() == FULL.fingerprint()  # models, seeds and arms may grow in a resumed folder
     assert FULL.with_overrides(heterogeneity=0.0).fingerprint() != FULL.fingerprint()
+    assert FULL.with_overrides(finetune="lora").fingerprint() != FULL.fingerprint()
     with pytest.raises(ValueError, match="unknown architectures"):
         FULL.with_overrides(models=["gpt4v"])
+    with pytest.raises(ValueError, match="unknown arm"):
+        FULL.with_overrides(arms=["CMAX"])
+    with pytest.raises(ValueError, match="DATA:STYLE:INIT"):
+        parse_replicate("1:2")
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("huge")
     _check_config(tmp_path, QUICK)
     _check_config(tmp_path, QUICK.with_overrides(seeds=[1]))
     with pytest.raises(ValueError, match="different configuration"):
         _check_config(tmp_path, QUICK.with_overrides(heterogeneity=0.5))
-    assert run_name("llava", "IMAX", 1) == "llava-IMAX-s1"
+    assert run_name("llava", "DMAX-mixed", (1, 2, 3)) == "llava-DMAX-mixed-d1-st2-i3"

@@ -1,12 +1,14 @@
 """IMAX versus DMAX on synthetic chest X-rays (arXiv 2504.09967, small-scale analogue).
 
     from dynamics.experiments.imax_dmax import reproduce, build_bundle, ARCHITECTURES
-    reproduce("out/imax", quick=True)          # what `dynamics reproduce imax-dmax --quick` runs
+    reproduce("out/imax", preset="main")       # what `dynamics reproduce imax-dmax --out ...` runs
 
 Modules: ``phantoms`` (renderer, ground truth), ``sources`` (acquisition styles, heterogeneity),
-``tasks`` (the seven task families, parsers), ``metrics``, ``constructions`` (IMAX / DMAX / eval),
-``tokenizer``, ``zoo`` (tiny VLMs), ``data`` (dataset, collator), ``train``, ``evaluate``,
-``presets``, ``pipeline``, ``results`` (results.md), ``figures``. See README.md in this folder.
+``tasks`` (the seven task families, parsers), ``metrics``, ``constructions`` (IMAX / DMAX /
+DMAX-mixed / eval / common probe set, the arms), ``corpus`` and ``pretrain`` (stage 0),
+``pseudo`` (DMAX-3stage's pseudo-IMAX), ``tokenizer``, ``zoo`` (tiny VLMs), ``data`` (dataset,
+collator), ``train``, ``evaluate``, ``presets``, ``pipeline``, ``workers`` (worker processes),
+``results`` (results.md), ``figures``. See README.md in this folder.
 Names are imported lazily so that importing the package stays cheap.
 """
 
@@ -24,6 +26,10 @@ _LAZY = {
     "train_run": "dynamics.experiments.imax_dmax.train",
     "TrainConfig": "dynamics.experiments.imax_dmax.train",
     "QUICK": "dynamics.experiments.imax_dmax.presets",
+    "MAIN": "dynamics.experiments.imax_dmax.presets",
+    "ARMS": "dynamics.experiments.imax_dmax.constructions",
+    "densify": "dynamics.experiments.imax_dmax.pseudo",
+    "pretrain": "dynamics.experiments.imax_dmax.pretrain",
     "FULL": "dynamics.experiments.imax_dmax.presets",
 }
 

@@ -18,7 +18,15 @@ with the same ``m`` entries. Hence per-task entry counts (and the per-task entri
 distribution) are identical, no image carries two tasks, and each task's images come from one
 source - the decentralised construction of aggregated public datasets.
 
-The evaluation set is shared by both constructions: ``n_eval`` fresh images, every one carrying all
+DMAX-mixed is the density-only control: DMAX's structure (the same per-task multiplicities, one
+task per fresh image) with each image's source drawn balanced from all sources, as IMAX's are. So
+IMAX vs DMAX-mixed differ only in density (4.10 tasks per image vs 1), DMAX vs DMAX-mixed only in
+source coverage (each task from its home source vs from all).
+
+The common probe set is one more draw of fresh images from all sources, every image with all seven
+tasks: every arm's Fisher spectrum is also measured on the same task-stratified batch of it.
+
+The evaluation set is shared by every construction: ``n_eval`` fresh images, every one carrying all
 seven tasks with one entry each (a random object / question for REC, REG, VQA). Its sources are
 all sources in turn by default (``eval_sources="all"``), or each task's home source (``"home"``).
 """
@@ -31,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dynamics.experiments.imax_dmax.phantoms import Phantom, sample_phantom
-from dynamics.experiments.imax_dmax.sources import SourceStyle, make_sources, render_styled
+from dynamics.experiments.imax_dmax.sources import SOURCE_SEED, SourceStyle, make_sources, render_styled
 from dynamics.experiments.imax_dmax.tasks import TASK_NAMES, Candidate, candidates
 
 PAPER_TASKS_PER_IMAGE = 4.10
@@ -230,6 +238,36 @@ def build_dmax(
     return Construction("DMAX", images, entries)
 
 
+def build_dmax_mixed(
+    imax: Construction, *, sources: list[SourceStyle], size: int, seed: int, first_id: int
+) -> Construction:
+    """Density-only control: DMAX's one-task-per-image structure, sources balanced over all of them."""
+    fac = _ImageFactory(sources, size, seed, first_id)
+    rng = np.random.default_rng([seed, 3])
+    mult = Counter((e.image_id, e.task) for e in imax.entries)
+    groups = sorted(mult.items(), key=lambda kv: (TASK_NAMES.index(kv[0][1]), kv[0][0]))
+    # Balanced within each task, so every task sees every source about equally often (as in IMAX).
+    src_of: dict[tuple[int, str], int] = {}
+    for task in TASK_NAMES:
+        keys = [k for k, _ in groups if k[1] == task]
+        for k, s in zip(keys, _balanced(rng, len(keys), len(sources)), strict=True):
+            src_of[k] = int(s)
+    images: dict[int, ImageRecord] = {}
+    entries: list[Entry] = []
+    for key, m in groups:
+        task = key[1]
+        for _attempt in range(100):
+            rec = fac.make(src_of[key])
+            cs = fac.cands(rec, task)
+            if len(cs) >= m:
+                break
+        else:  # pragma: no cover - as in build_dmax
+            raise RuntimeError(f"could not draw a {task} image with {m} distinct entries")
+        images[rec.image_id] = rec
+        entries.extend(Entry.from_candidate(rec.image_id, c) for c in cs[:m])
+    return Construction("DMAX-mixed", images, entries)
+
+
 def build_eval(
     n_images: int,
     *,
@@ -261,9 +299,22 @@ def build_eval(
     return Construction("eval", images, entries)
 
 
+ARMS = ("IMAX", "DMAX", "DMAX-mixed", "DMAX-3stage")
+# The training set each arm starts from (DMAX-3stage's stage 1 is DMAX; see pseudo.py for stage 2).
+ARM_DATA = {"IMAX": "IMAX", "DMAX": "DMAX", "DMAX-mixed": "DMAX-mixed", "DMAX-3stage": "DMAX"}
+
+
+def check_arm(arm: str) -> str:
+    """The canonical spelling of ``arm`` (case-insensitive), or a ValueError naming the choices."""
+    by_lower = {a.lower(): a for a in ARMS}
+    if arm.lower() not in by_lower:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
+    return by_lower[arm.lower()]
+
+
 @dataclass
 class DataBundle:
-    """Everything one experiment trains and evaluates on."""
+    """Everything one experiment trains, probes and evaluates on."""
 
     imax: Construction
     dmax: Construction
@@ -271,12 +322,17 @@ class DataBundle:
     sources: list[SourceStyle]
     size: int
     heterogeneity: float
+    dmax_mixed: Construction | None = None
+    probe: Construction | None = None
+    seeds: dict[str, int] = field(default_factory=dict)
 
     def train(self, construction: str) -> Construction:
-        key = construction.upper()
-        if key not in ("IMAX", "DMAX"):
-            raise ValueError(f"construction must be 'IMAX' or 'DMAX', got {construction!r}")
-        return self.imax if key == "IMAX" else self.dmax
+        """The training set of an arm (DMAX-3stage: its stage-1 data, DMAX)."""
+        key = ARM_DATA[check_arm(construction)]
+        out = {"IMAX": self.imax, "DMAX": self.dmax, "DMAX-mixed": self.dmax_mixed}[key]
+        if out is None:
+            raise ValueError(f"this bundle was built without {key}")
+        return out
 
 
 def build_bundle(
@@ -287,19 +343,34 @@ def build_bundle(
     heterogeneity: float = 1.0,
     seed: int = 0,
     eval_sources: str = "all",
+    style_seed: int = 0,
+    n_probe: int = 8,
     verbose: bool = False,
 ) -> DataBundle:
-    """IMAX, its DMAX twin and the shared evaluation set from one seed (independent streams each)."""
-    sources = make_sources(len(TASK_NAMES), heterogeneity)
+    """IMAX, its DMAX and DMAX-mixed twins, the common probe set and the shared evaluation set.
+
+    ``seed`` (the data seed) draws every image and entry (independent streams per construction);
+    ``style_seed`` draws the seven sources' acquisition styles (``SOURCE_SEED + style_seed``), so
+    the two can be varied separately. ``n_probe`` images (all sources, all tasks) form the common probe set.
+    """
+    sources = make_sources(len(TASK_NAMES), heterogeneity, style_seed=SOURCE_SEED + int(style_seed))
     ss = np.random.SeedSequence(seed)
-    s_imax, s_dmax, s_eval = (int(s.generate_state(1)[0]) for s in ss.spawn(3))
+    # The first three streams are the ones earlier versions drew, so IMAX / DMAX / eval are unchanged.
+    s_imax, s_dmax, s_eval, s_mixed, s_probe = (int(s.generate_state(1)[0]) for s in ss.spawn(5))
     imax = build_imax(n_images, sources=sources, size=size, seed=s_imax, first_id=0)
     dmax = build_dmax(imax, sources=sources, size=size, seed=s_dmax, first_id=1_000_000)
     ev = build_eval(
         n_eval, sources=sources, size=size, seed=s_eval, first_id=2_000_000, eval_sources=eval_sources
     )
+    mixed = build_dmax_mixed(imax, sources=sources, size=size, seed=s_mixed, first_id=3_000_000)
+    probe = build_eval(n_probe, sources=sources, size=size, seed=s_probe, first_id=4_000_000)
+    probe.name = "probe"
     if verbose:
         print(imax.describe())
         print(dmax.describe())
+        print(mixed.describe())
         print(f"eval: {len(ev.images)} images, {len(ev.entries)} entries ({n_eval} per task)")
-    return DataBundle(imax, dmax, ev, sources, size, heterogeneity)
+    return DataBundle(
+        imax, dmax, ev, sources, size, heterogeneity, dmax_mixed=mixed, probe=probe,
+        seeds={"data_seed": int(seed), "style_seed": int(style_seed)},
+    )  # fmt: skip

@@ -24,6 +24,7 @@ from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
 from dynamics.experiments.imax_dmax.zoo import Arch
 
 IGNORE_INDEX = -100
+TASK_INDEX = {t: i for i, t in enumerate(TASK_NAMES)}
 
 
 def encode_words(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -39,14 +40,22 @@ class EntryDataset(Dataset):
     """Entries of a construction with their image pixels, pre-tokenised once.
 
     ``__getitem__`` returns ``{"image": (H, W) float tensor, "prompt": ids, "answer": ids,
-    "task_ids": int (index into TASK_NAMES), "index": int}``.
+    "task_ids": int (index into TASK_NAMES; -1 for the stage-0 caption corpus, which is no task),
+    "weight": float (the entry's loss weight, 1 unless ``weights`` say otherwise), "index": int}``.
     """
 
     def __init__(
-        self, construction: Construction, tok: PreTrainedTokenizerBase, entries: Sequence[Entry] | None = None
+        self,
+        construction: Construction,
+        tok: PreTrainedTokenizerBase,
+        entries: Sequence[Entry] | None = None,
+        weights: Sequence[float] | None = None,
     ):
         self.construction = construction
         self.entries = list(construction.entries if entries is None else entries)
+        self.weights = [1.0] * len(self.entries) if weights is None else [float(w) for w in weights]
+        if len(self.weights) != len(self.entries):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.entries)} entries")
         self.pixels = {i: torch.from_numpy(r.pixels) for i, r in construction.images.items()}
         self._prompt = [encode_words(tok, e.instruction) for e in self.entries]
         self._answer = [encode_words(tok, e.answer) for e in self.entries]
@@ -60,7 +69,8 @@ class EntryDataset(Dataset):
             "image": self.pixels[e.image_id],
             "prompt": self._prompt[i],
             "answer": self._answer[i],
-            "task_ids": TASK_NAMES.index(e.task),
+            "task_ids": TASK_INDEX.get(e.task, -1),
+            "weight": self.weights[i],
             "index": i,
         }
 
@@ -75,10 +85,12 @@ class VLMCollator:
         *,
         prompt_only: bool = False,
         emit_task_ids: bool = True,
+        emit_weights: bool = False,
     ):
         self.arch, self.tok = arch, tok
         self.prompt_only = prompt_only
         self.emit_task_ids = emit_task_ids
+        self.emit_weights = emit_weights  # "loss_weight" (B,), read by train.WeightedTrainer
         self.image_ids = arch.image_token_ids(tok)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -112,4 +124,6 @@ class VLMCollator:
         batch.update(self.arch.token_inputs(input_ids, prefix_mask, tok))
         if self.emit_task_ids:
             batch["task_ids"] = torch.tensor([ex["task_ids"] for ex in examples], dtype=torch.long)
+        if self.emit_weights:
+            batch["loss_weight"] = torch.tensor([ex["weight"] for ex in examples], dtype=torch.float32)
         return batch

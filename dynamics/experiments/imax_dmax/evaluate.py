@@ -14,6 +14,7 @@ on the first and low on the second; an IMAX model, which sees every source, shou
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,14 +46,21 @@ def generate_answers(
     *,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
+    confidences: list[float] | None = None,
 ) -> list[str]:
-    """Greedy answers for every entry of ``dataset``, in dataset order."""
+    """Greedy answers for every entry of ``dataset``, in dataset order.
+
+    With a list ``confidences``, it is filled (in dataset order) with each answer's confidence: the
+    smallest probability the model gave any of the answer's tokens, ``<eos>`` included (the
+    weakest link of the greedy answer; pseudo.py keeps answers above a threshold).
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     collate = VLMCollator(arch, tok, prompt_only=True, emit_task_ids=False)
     was_training = model.training
     model.eval()
     out: list[str | None] = [None] * len(dataset)
+    conf = [0.0] * len(dataset)
     try:
         for task in TASK_NAMES:
             idx = [i for i, e in enumerate(dataset.entries) if e.task == task]
@@ -60,21 +68,39 @@ def generate_answers(
                 chunk = idx[s : s + batch_size]
                 batch = {k: v.to(model.device) for k, v in collate([dataset[i] for i in chunk]).items()}
                 n_prompt = batch["input_ids"].shape[1]
-                gen = model.generate(
+                gen = cast(Any, model).generate(
                     **batch,
                     max_new_tokens=MAX_ANSWER_WORDS[task] + 1,
                     do_sample=False,
                     pad_token_id=tok.pad_token_id,
                     eos_token_id=tok.eos_token_id,
+                    output_scores=confidences is not None,
+                    return_dict_in_generate=True,
                 )
-                texts = tok.batch_decode(gen[:, n_prompt:], skip_special_tokens=True)
+                seqs = gen.sequences[:, n_prompt:]
+                texts = tok.batch_decode(seqs, skip_special_tokens=True)
                 for i, t in zip(chunk, texts, strict=True):
                     out[i] = " ".join(t.split())
+                if confidences is not None:
+                    for i, c in zip(chunk, _min_token_prob(gen.scores, seqs, tok.eos_token_id), strict=True):
+                        conf[i] = c
                 if progress is not None:
                     progress(len(chunk))
     finally:
         model.train(was_training)
+    if confidences is not None:
+        confidences[:] = conf
     return [o if o is not None else "" for o in out]
+
+
+def _min_token_prob(scores: tuple[torch.Tensor, ...], seqs: torch.Tensor, eos: int) -> list[float]:
+    """Per row: min over generated tokens up to the first ``eos`` of softmax(score)[token]."""
+    probs = torch.stack([torch.softmax(s.float(), -1) for s in scores], 1)  # (B, T, V)
+    chosen = probs.gather(-1, seqs[:, : probs.shape[1], None]).squeeze(-1)  # (B, T)
+    # Tokens after the first eos are padding the batch appended: not part of the answer.
+    after = (seqs[:, : probs.shape[1]] == eos).long().cumsum(1) - (seqs[:, : probs.shape[1]] == eos).long()
+    chosen = chosen.masked_fill(after > 0, 1.0)
+    return chosen.min(1).values.tolist()
 
 
 def split_scores(entries, predictions, split: dict[str, list[int]]) -> dict[str, dict[str, float]]:

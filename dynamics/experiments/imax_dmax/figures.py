@@ -1,9 +1,10 @@
 """Figures of the reproduction (PNG), drawn from the run stores only.
 
-* ``multitask_by_model.png``: multi-task score per model, IMAX vs DMAX (bars: seed means; dots: seeds);
-* ``task_scores.png``: per-task score by construction with the majority and blind baselines;
-* ``fisher_curves.png``: Fisher spectral entropy SE and dominant eigenvalue ratio rho over training,
-  one thin line per run, construction means in bold (steps normalised to the run's length).
+* ``multitask_by_model.png``: multi-task score per model and arm (bars: replicate means; dots: replicates);
+* ``task_scores.png``: per-task score by arm with the majority and blind baselines (first replicate's);
+* ``fisher_curves.png``: Fisher spectral entropy SE and dominant eigenvalue ratio rho on the common
+  probe batch over training, one thin line per run, arm means in bold (steps normalised to the
+  run's length).
 """
 
 from __future__ import annotations
@@ -19,18 +20,24 @@ import pandas as pd  # noqa: E402
 
 from dynamics.experiments.imax_dmax.tasks import TASK_NAMES  # noqa: E402
 
-COLORS = {"IMAX": "#1b7837", "DMAX": "#762a83"}
+COLORS = {"IMAX": "#1b7837", "DMAX": "#762a83", "DMAX-mixed": "#e08214", "DMAX-3stage": "#2166ac"}
+
+
+def _arms(per_run: pd.DataFrame) -> list[str]:
+    return [a for a in COLORS if a in set(per_run["construction"])]
 
 
 def multitask_by_model(per_run: pd.DataFrame, path: Path) -> Path:
     models = sorted(per_run["model"].unique())
     x = np.arange(len(models))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(models) + 1.5), 3.4))
-    for k, c in enumerate(("IMAX", "DMAX")):
+    arms = _arms(per_run)
+    w = 0.8 / len(arms)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(models) * len(arms) / 2 + 1.5), 3.4))
+    for k, c in enumerate(arms):
         sub = per_run[per_run["construction"] == c]
         means = [sub.loc[sub["model"] == m, "multitask_score"].mean() for m in models]
-        off = (k - 0.5) * 0.38
-        ax.bar(x + off, means, width=0.36, color=COLORS[c], alpha=0.75, label=c)
+        off = (k - (len(arms) - 1) / 2) * w
+        ax.bar(x + off, means, width=0.95 * w, color=COLORS[c], alpha=0.75, label=c)
         for i, m in enumerate(models):
             v = sub.loc[sub["model"] == m, "multitask_score"].to_numpy()
             ax.scatter(np.full(len(v), x[i] + off), v, color="k", s=8, zorder=3)
@@ -47,12 +54,15 @@ def multitask_by_model(per_run: pd.DataFrame, path: Path) -> Path:
 def task_scores(per_run: pd.DataFrame, baselines: dict, path: Path) -> Path:
     x = np.arange(len(TASK_NAMES))
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
-    for k, c in enumerate(("IMAX", "DMAX")):
+    arms = _arms(per_run)
+    w = 0.8 / len(arms)
+    baselines = next(iter(baselines.values())) if "majority" not in baselines else baselines
+    for k, c in enumerate(arms):
         sub = per_run[per_run["construction"] == c]
         ax.bar(
-            x + (k - 0.5) * 0.38,
+            x + (k - (len(arms) - 1) / 2) * w,
             [sub[t].mean() for t in TASK_NAMES],
-            width=0.36,
+            width=0.95 * w,
             color=COLORS[c],
             alpha=0.75,
             label=c,
@@ -79,16 +89,19 @@ def task_scores(per_run: pd.DataFrame, baselines: dict, path: Path) -> Path:
 
 def fisher_curves(runset, path: Path) -> Path | None:
     m = runset.metrics
-    m = m[m["name"].isin(["fisher_se", "fisher_rho"]) & (m["task"] == "")]
+    m = m[m["name"].isin(["fisher_se_common", "fisher_rho_common"]) & (m["task"] == "")]
     if m.empty:
         return None
     tags = runset.runs.set_index("run_id")["construction"]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     grid = np.linspace(0, 1, 21)
     for ax, name, label in zip(
-        axes, ("fisher_se", "fisher_rho"), ("spectral entropy SE", "dominant ratio rho"), strict=True
+        axes,
+        ("fisher_se_common", "fisher_rho_common"),
+        ("spectral entropy SE (common probe)", "dominant ratio rho (common probe)"),
+        strict=True,
     ):
-        curves: dict[str, list[np.ndarray]] = {"IMAX": [], "DMAX": []}
+        curves: dict[str, list[np.ndarray]] = {a: [] for a in COLORS}
         for rid, g in m[m["name"] == name].groupby("run_id"):
             g = g.sort_values("step")
             frac = g["step"].to_numpy(float) / max(g["step"].max(), 1)

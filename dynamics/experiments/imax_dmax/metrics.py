@@ -211,9 +211,9 @@ def task_metrics(
         m["rouge_l"] = float(np.mean([rouge_l(a, p) for a, p in zip(answers, predictions, strict=True)]))
         m["score"] = m["finding_f1"]
     elif task == "multiclass":
-        pred = [parse_grade(p) for p in predictions]
-        m["accuracy"] = accuracy(list(truths), pred)
-        m["macro_f1"] = macro_f1(list(truths), pred)
+        grades = [parse_grade(p) for p in predictions]
+        m["accuracy"] = accuracy(list(truths), grades)
+        m["macro_f1"] = macro_f1(list(truths), grades)
         m["score"] = m["accuracy"]
     elif task == "multilabel":
         tsets = [{f for f, v in t.items() if v} for t in truths]

@@ -16,8 +16,9 @@ interpolation between a shared *base* style and its own extreme style:
 
 so ``h = 0`` makes all sources identical (DMAX then differs from IMAX only by image-task density)
 and ``h = 1`` gives the full source shift. Artefact strength and probability scale with ``h`` too.
-The extreme styles are drawn once from ``SOURCE_SEED`` so that "source 3" means the same style in
-every run and every construction.
+The extreme styles are drawn from a *style seed* (default ``SOURCE_SEED``): within one experiment
+"source 3" means the same style in every run and every construction, and a different style seed is
+a different draw of the seven acquisition styles (the presets' ``style_seed`` replicates).
 """
 
 from __future__ import annotations
@@ -75,13 +76,13 @@ def _extreme(rng: np.random.Generator, k: int) -> SourceStyle:
     )
 
 
-def make_sources(n: int, heterogeneity: float = 1.0) -> list[SourceStyle]:
-    """``n`` source styles at the given heterogeneity ``h`` in [0, 1] (see module docstring)."""
+def make_sources(n: int, heterogeneity: float = 1.0, *, style_seed: int = SOURCE_SEED) -> list[SourceStyle]:
+    """``n`` source styles at the given heterogeneity ``h`` in [0, 1], extremes drawn from ``style_seed``."""
     if not 0.0 <= heterogeneity <= 1.0:
         raise ValueError(f"heterogeneity must be in [0, 1], got {heterogeneity}")
     if n < 1:
         raise ValueError(f"need at least one source, got n={n}")
-    rng = np.random.default_rng(SOURCE_SEED)
+    rng = np.random.default_rng(style_seed)
     h = float(heterogeneity)
     out = []
     for k in range(n):

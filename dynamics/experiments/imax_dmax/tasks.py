@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from dynamics.experiments.imax_dmax.corpus import CAPTION_WORDS
 from dynamics.experiments.imax_dmax.phantoms import (
     CTR_RANGE,
     EDEMA_GRADES,
@@ -101,6 +102,7 @@ def _vocab() -> tuple[str, ...]:
     words.update(("yes", "no", "none", ",", ".", "normal", "enlarged", "region"))
     words.update(str(i) for i in range(BOX_BINS))
     words.update(CTR_TOKENS)
+    words.update(CAPTION_WORDS)  # stage 0's caption corpus (corpus.py) shares the tokenizer
     return tuple(sorted(words))
 
 
@@ -198,7 +200,12 @@ def candidates(
         if task == "reg":
             # Two regions quantised to the same cells would make the phrase ambiguous: keep the first.
             seen: set[str] = set()
-            out = [c for c in out if not (c.instruction in seen or seen.add(c.instruction))]
+            kept: list[Candidate] = []
+            for c in out:
+                if c.instruction not in seen:
+                    seen.add(c.instruction)
+                    kept.append(c)
+            out = kept
     else:  # vqa
         labels = ph.labels()
         for f in FINDINGS:

@@ -56,7 +56,8 @@ class Dims:
 
 
 def _ids(tok: PreTrainedTokenizerBase, *tokens: str) -> list[int]:
-    return [int(tok.convert_tokens_to_ids(t)) for t in tokens]
+    ids = tok.convert_tokens_to_ids(list(tokens))
+    return [int(i) for i in (ids if isinstance(ids, list) else [ids])]
 
 
 def _normalise(images: torch.Tensor) -> torch.Tensor:
@@ -265,7 +266,7 @@ class Qwen2VL(Arch):
 
 class Idefics3(Arch):
     name, description = "idefics3", "SigLIP-style ViT + pixel shuffle + Llama"
-    model_class = T.Idefics3ForConditionalGeneration
+    model_class: type[PreTrainedModel] = T.Idefics3ForConditionalGeneration
     merge = 2  # pixel-shuffle scale factor
 
     def _configs(self):
