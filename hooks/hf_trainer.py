@@ -40,7 +40,7 @@ def build_model(kind: str) -> torch.nn.Module:
         LlavaForConditionalGeneration,
     )
 
-    text = LlamaConfig(
+    text = LlamaConfig(  # type: ignore[call-arg]  # (config kwargs are untyped **kwargs)
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -60,7 +60,7 @@ def build_model(kind: str) -> torch.nn.Module:
         image_size=16,
         patch_size=4,
     )
-    config = LlavaConfig(
+    config = LlavaConfig(  # type: ignore[call-arg]
         vision_config=vision,
         text_config=text,
         image_token_index=IMAGE_TOKEN,
@@ -107,9 +107,8 @@ class MultiTaskData(Dataset):
 def next_token_accuracy(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
     """``preprocess_logits_for_metrics``: keep the argmax only (the full logits are not needed).
     LLaVA returns a tuple (logits, then image features); the logits come first."""
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    return logits.argmax(-1)
+    tensor = logits[0] if isinstance(logits, tuple) else logits
+    return tensor.argmax(-1)
 
 
 def compute_metrics(pred: object) -> dict[str, float]:
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
     dynamics.evaluate_per_task(trainer, evaluation)
     callback.close()
     print(f"run store: {callback.run_dir}")
-    return Path(callback.run_dir)
+    return Path(str(callback.run_dir))
 
 
 if __name__ == "__main__":

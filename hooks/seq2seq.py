@@ -27,7 +27,7 @@ def build_t5(seed: int = 0) -> torch.nn.Module:
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(
+    config = T5Config(  # type: ignore[call-arg]  # (config kwargs are untyped **kwargs)
         vocab_size=VOCAB,
         d_model=16,
         d_kv=8,
