@@ -80,6 +80,7 @@ class ProbeScheduler:
         self.off: str | None = None if probe_every else "probe_every=0"
         self._failures = 0  # consecutive
         self._snapshot: tuple[int, list[torch.Tensor]] | None = None
+        self.n_run: list[int] = []  # the steps this rank probed (every rank probes; rank 0 writes)
 
     # ------------------------------------------------------------------ batch
     def set_batch(self, batch: Mapping[str, Any], task_ids: Any = None) -> None:
@@ -193,6 +194,7 @@ class ProbeScheduler:
                     (int(s), str(n), str(t), str(tb), float(v)) for s, n, t, tb, v in result.to_rows(step)
                 ]
                 self._failures = 0
+                self.n_run.append(int(step))
                 return rows
             except Exception as err:  # the recorder must never stop training
                 self._failed(step, err)
