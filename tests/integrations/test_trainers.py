@@ -145,3 +145,41 @@ def test_an_undeclared_task_name_is_reported_with_the_declared_ones(tmp_path):
     dynamics.attach(trainer, tasks=TASKS, probe_every=0)
     with pytest.raises(ValueError, match="'summarise'.*not one of the declared tasks"):
         trainer.train()
+
+
+def test_update_inside_backward_as_deepspeed_does_is_probed_at_the_pre_update_weights(tmp_path):
+    """DeepSpeed ZeRO-1/2 (accelerate) runs engine.step() inside the last micro-batch's backward, before
+    the Trainer's on_pre_optimizer_step: the probe must still see theta_{s-1} and the real update."""
+    from transformers import Trainer
+
+    class UpdateInBackward(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            type(self._real).step(self._real)  # the update, inside "backward"
+            self._real.zero_grad()
+            return loss
+
+        def create_optimizer(self, model=None):
+            real = super().create_optimizer(model)
+            self._real = real
+            real.step = lambda *a, **k: (
+                None
+            )  # the Trainer's own optimizer.step() is a no-op, as under DeepSpeed
+            return real
+
+    batch, ids = llama_batch(n=16, seed=1)
+    data = ItemDataset(batch, ids)
+    runs = {}
+    for name, cls in (("plain", Trainer), ("in_backward", UpdateInBackward)):
+        trainer = trainer_for(
+            tiny_llama(), data, tmp_path / name, trainer_cls=cls, max_steps=2, max_grad_norm=0
+        )
+        dynamics.attach(trainer, tasks=TASKS, probe_every=1, probe_size=6)
+        trainer.train()
+        runs[name] = load_runs(tmp_path / name / "dynamics").metrics.set_index(
+            ["step", "name", "task", "task_b"]
+        )
+    for metric in ("grad_norm", "update_cosine", "fisher_se"):
+        a = runs["plain"].xs(metric, level="name")["value"].sort_index()
+        b = runs["in_backward"].xs(metric, level="name")["value"].sort_index()
+        assert len(a) > 0 and a.tolist() == pytest.approx(b.tolist(), rel=1e-5), metric
