@@ -263,3 +263,27 @@ def test_out_of_range_warning_counts_over_the_run(tmp_path):
     assert "dropped 1 of 6 training examples over the run so far (the first at step 1)" in messages[0]
     assert f"dropped {dropped} of 48 training examples over the run (the first at step 1)" in messages[1]
     assert rec.recorder.problems["task_id_range"] == dropped
+
+
+# ---------------------------------------------------------------------- the TRL hand-over
+def test_attach_hands_trl_trainers_to_the_trl_adapter_and_skips_it_when_missing(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from transformers import Trainer
+
+    batch, ids = llama_batch(n=8, seed=1)
+    data = ItemDataset(batch, ids)
+    FakeSFT = type("SFTTrainer", (Trainer,), {"__module__": "trl.trainer.sft_trainer"})
+    calls = []
+    adapter = types.ModuleType("dynamics.integrations.trl")
+    adapter.adapt = lambda trainer, callback: calls.append((trainer, callback))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dynamics.integrations.trl", adapter)
+    trainer = trainer_for(tiny_llama(), data, tmp_path / "a", trainer_cls=FakeSFT)
+    callback = dynamics.attach(trainer, tasks=TASKS, probe_every=0)
+    assert calls == [(trainer, callback)]
+    plain = trainer_for(tiny_llama(), data, tmp_path / "b")
+    dynamics.attach(plain, tasks=TASKS, probe_every=0)
+    assert len(calls) == 1  # only TRL trainers
+    monkeypatch.setitem(sys.modules, "dynamics.integrations.trl", None)  # the module is missing: skipped
+    dynamics.attach(trainer_for(tiny_llama(), data, tmp_path / "c", trainer_cls=FakeSFT), tasks=TASKS)
