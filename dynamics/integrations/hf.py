@@ -62,6 +62,7 @@ class DynamicsCallback(TrainerCallback):
         self.recorder = Recorder(tasks, config=config, **options)
         self.trainer: Trainer | None = None
         self._lr: float | None = None
+        self._layout_written = False
 
     @property
     def tasks(self) -> list[str]:
@@ -174,6 +175,8 @@ class DynamicsCallback(TrainerCallback):
         # Only training logs (they carry "loss"); eval, probe and end-of-train entries are left alone.
         if logs is not None and "loss" in logs:
             logs.update(self.recorder.logs())
+        if not self._layout_written and state.is_world_process_zero and self.trainer is not None:
+            self._layout_written = _tensorboard_layout(self.trainer)
 
     def on_evaluate(
         self,
@@ -257,6 +260,38 @@ def evaluate_per_task(
     if dataset is None:
         raise ValueError("evaluate_per_task needs an eval set: pass eval_dataset= or give the Trainer one")
     return trainer.evaluate(split_by_task(dataset, tasks), metric_key_prefix=metric_key_prefix)
+
+
+# Per-task signals: in TensorBoard's "Custom Scalars" tab, one chart per signal with every task
+# (or task pair) as a line. Tags are the HF TensorBoard callback's: "train/" + our log keys.
+_PER_TASK_SIGNALS = (
+    "loss",
+    "probe_loss",
+    "grad_norm",
+    "update_cosine",
+    "grad_cosine",
+    "n_tokens",
+    "n_examples",
+)
+
+
+def _tensorboard_layout(trainer: Trainer) -> bool:
+    """Give TensorBoard a custom-scalars layout once its writer exists; ``True`` once done (or moot)."""
+    from transformers.integrations import TensorBoardCallback
+
+    boards = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, TensorBoardCallback)]
+    if not boards:
+        return True
+    writer = getattr(boards[0], "tb_writer", None)
+    add = getattr(writer, "add_custom_scalars", None)
+    if not callable(add):
+        return writer is not None  # a writer without layouts (tensorboardX variants): nothing to do
+    layout = {
+        "dynamics": {name: ["Multiline", [rf"^train/dynamics/{name}/.*"]] for name in _PER_TASK_SIGNALS},
+        "dynamics eval": {"eval_loss": ["Multiline", [r"^eval/.*_loss$"]]},
+    }
+    add(layout)
+    return True
 
 
 # ---------------------------------------------------------------------- Trainer surgery

@@ -97,6 +97,7 @@ def test_tensorboard_event_files_hold_the_dynamics_scalars(tmp_path):
         "train/dynamics/fisher_se",
         "train/dynamics/update_cosine/a",
     } <= tags
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]  # one chart per signal, all tasks in it
 
 
 def test_probes_do_not_change_training(tmp_path):
