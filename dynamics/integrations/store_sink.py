@@ -11,6 +11,7 @@ writer to put them on disk in the background (the recorder calls it at least eve
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ class StoreSink:
         self.main_process = True
         self.resume_step: int | None = None
         self._writer: Any = None
+        self._last_flush = time.monotonic()
 
     def open(self) -> Any:
         """The writer, opened on first use on the main process (else ``None``)."""
@@ -100,6 +102,7 @@ class StoreSink:
             },
         )
         self._writer = RunWriter(self.out_dir, tasks=self.tasks, tags=self.tags, meta=self.meta, **options)
+        self._last_flush = time.monotonic()
         return self._writer
 
     @property
@@ -120,15 +123,20 @@ class StoreSink:
             writer.log_scores(scores)
 
     def request_flush(self) -> None:
-        """Ask the writer to write its buffered rows now, in the background (never waits on disk
-        when the writer supports it; an older writer flushes synchronously)."""
+        """Ask the writer to write its buffered rows now, in the background (never waits on disk).
+
+        A writer without ``request_flush`` (before the store's background flushing) is flushed
+        synchronously instead, at most once per ``flush_seconds``: the same durability bound, and
+        no Parquet part per logging step.
+        """
         if self._writer is None:
             return
         request = getattr(self._writer, "request_flush", None)
         if callable(request):
             request()
-        else:  # until branch `store` lands: a synchronous (small) write
+        elif time.monotonic() - self._last_flush >= self.flush_seconds:
             self._writer.flush()
+            self._last_flush = time.monotonic()
 
     def flush(self) -> None:
         if self._writer is not None:
