@@ -55,7 +55,10 @@ def test_token_weighted_task_losses_equal_the_trainers_logged_loss(tmp_path, fam
     mean = _weighted_mean(tmp_path / "dynamics")
     assert sorted(mean) == sorted(logged) == [1, 2, 3]
     for step, value in logged.items():
+        assert f"{mean[step]:.4g}" == f"{value:.4g}"  # to the digits the Trainer prints
         assert mean[step] == pytest.approx(value, rel=1e-5)
+    loss, n = store_table(tmp_path / "dynamics", "loss"), store_table(tmp_path / "dynamics", "n_tokens")
+    assert ((n > 0) == loss.reindex_like(n).notna()).all().all()  # a loss wherever a task has examples
     if family != "lora_llama":  # LoRA dropout makes the training forward differ from an eval reference
         # Step 1 = examples 0..7 (two micro-batches of 4) at the initial weights: per task, transformers'
         # own loss on that task's examples alone.
