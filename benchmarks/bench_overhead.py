@@ -101,7 +101,7 @@ class HookClock:
     """Seconds spent inside the callback's hooks (the forward-hook consumer and the Trainer events):
     the direct cost, measured within one run, so that machine load shifts it and the run alike."""
 
-    EVENTS = ("on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log")
+    EVENTS = ("on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log")
 
     def __init__(self, callback: object) -> None:
         self.seconds = 0.0

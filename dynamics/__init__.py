@@ -7,7 +7,9 @@ needs transformers, and the analysis side (pandas, scipy) is only loaded by ``lo
     from dynamics import RunWriter, load_runs      # run store
     from dynamics import probe, ProbeResult        # signals on one probe batch
     from dynamics import attach, DynamicsCallback  # Hugging Face Trainer hooks
+    from dynamics import evaluate_per_task          # per-task evaluation from one eval set
     from dynamics import LoopRecorder              # plain PyTorch loop hooks
+    from dynamics import RecorderConfig, split_by_task
 """
 
 from __future__ import annotations
@@ -26,14 +28,19 @@ _LAZY = {
     "ProbeResult": "dynamics.probing",
     "attach": "dynamics.integrations.hf",
     "DynamicsCallback": "dynamics.integrations.hf",
+    "evaluate_per_task": "dynamics.integrations.hf",
     "LoopRecorder": "dynamics.integrations.loop",
+    "RecorderConfig": "dynamics.integrations.config",
+    "split_by_task": "dynamics.integrations.task_ids",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dynamics.integrations.hf import DynamicsCallback, attach
+    from dynamics.integrations.config import RecorderConfig
+    from dynamics.integrations.hf import DynamicsCallback, attach, evaluate_per_task
     from dynamics.integrations.loop import LoopRecorder
+    from dynamics.integrations.task_ids import split_by_task
     from dynamics.probing import ProbeResult, probe
     from dynamics.store.reader import RunSet, load_runs
     from dynamics.store.writer import RunWriter

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynamics.integrations.per_task_loss import LossSpec
+from dynamics.signals.losses import LossSpec
 from dynamics.integrations.probe_batch import build_probe_batch
 from dynamics.integrations.recorder import (
     DEFAULT_PROBE_EVERY,

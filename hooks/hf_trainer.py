@@ -10,8 +10,10 @@ in ``TASKS``), then
 
 before ``trainer.train()``. Per-task losses are recorded every step, probes (gradient norms and
 cosines, the Fisher spectrum, ...) every ``probe_every`` steps, all into ``<output_dir>/dynamics``
-and into the Trainer's logs (TensorBoard shows them under ``train/dynamics/...``). Evaluation
-metrics named ``eval_<task>_<metric>`` become the run's final scores.
+and into the Trainer's logs (TensorBoard shows them under ``train/dynamics/...``). Every evaluation
+that reports ``eval_<task>_<metric>`` (``eval_dataset=dynamics.split_by_task(ds, TASKS)``, or
+``dynamics.evaluate_per_task(trainer, ds)`` after training) is stored as a per-task curve
+``eval_<metric>`` at its step; the last one's non-loss metrics are the run's final scores.
 
 The model here is a tiny Llama or LLaVA built from a config, so the recipe runs offline in seconds.
 """
@@ -38,7 +40,7 @@ def build_model(kind: str) -> torch.nn.Module:
         LlavaForConditionalGeneration,
     )
 
-    text = LlamaConfig(
+    text = LlamaConfig(  # type: ignore[call-arg]  # (config kwargs are untyped **kwargs)
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -58,14 +60,17 @@ def build_model(kind: str) -> torch.nn.Module:
         image_size=16,
         patch_size=4,
     )
-    config = LlavaConfig(
+    config = LlavaConfig(  # type: ignore[call-arg]
         vision_config=vision,
         text_config=text,
         image_token_index=IMAGE_TOKEN,
         image_seq_length=16,
         attn_implementation="eager",
     )
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    # Evaluation keeps the logits only (the cache and vision-tower outputs cannot be gathered).
+    model.config.keys_to_ignore_at_inference = ["cache", "past_key_values", "image_outputs"]
+    return model
 
 
 class MultiTaskData(Dataset):
@@ -99,6 +104,22 @@ class MultiTaskData(Dataset):
         return self.items[i]
 
 
+def next_token_accuracy(logits: torch.Tensor | tuple, labels: torch.Tensor) -> torch.Tensor:
+    """``preprocess_logits_for_metrics``: keep the argmax only (the full logits are not needed).
+    LLaVA returns a tuple (logits, then image features); the logits come first."""
+    tensor = logits[0] if isinstance(logits, tuple) else logits
+    return tensor.argmax(-1)
+
+
+def compute_metrics(pred: object) -> dict[str, float]:
+    """Next-token accuracy on the supervised positions (the position t predicts token t + 1)."""
+    import numpy as np
+
+    predicted, labels = pred.predictions, pred.label_ids  # type: ignore[attr-defined]
+    supervised = labels[:, 1:] != -100
+    return {"accuracy": float(np.mean((predicted[:, :-1] == labels[:, 1:])[supervised]))}
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -109,6 +130,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--probe-every", type=int, default=10)
     parser.add_argument("--probe-size", type=int, default=12)
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="evaluate per task every N steps (0: at the end)"
+    )
     parser.add_argument("--report-to", default="none", help="e.g. tensorboard")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -126,14 +150,19 @@ def main(argv: list[str] | None = None) -> Path:
         per_device_train_batch_size=args.batch_size,
         learning_rate=3e-3,
         logging_steps=5,
-        eval_strategy="no",
+        eval_strategy="steps" if args.eval_every else "no",
+        eval_steps=args.eval_every or None,
         save_strategy="no",
         report_to=args.report_to,
         use_cpu=not torch.cuda.is_available(),
         seed=args.seed,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=build_model(args.model), args=training_args, train_dataset=train)
+    trainer = Trainer(
+        model=build_model(args.model), args=training_args, train_dataset=train,
+        eval_dataset=dynamics.split_by_task(evaluation, TASKS),  # one eval set per task: per-task curves
+        compute_metrics=compute_metrics, preprocess_logits_for_metrics=next_token_accuracy,
+    )  # fmt: skip
 
     # -- the two lines --------------------------------------------------------------------------
     callback = dynamics.attach(
@@ -143,14 +172,13 @@ def main(argv: list[str] | None = None) -> Path:
     trainer.train()
     # -------------------------------------------------------------------------------------------
 
-    # Final per-task scores: evaluate() metrics named eval_<task>_<metric> are recorded as scores
-    # (with your own evaluation: callback.record_scores({task: {metric: value}})).
-    for k, task in enumerate(TASKS):
-        held_out = [item for item in evaluation.items if item["task_ids"] == k]
-        trainer.evaluate(held_out, metric_key_prefix=f"eval_{task}")
+    # Final per-task scores from one eval set with a task_ids column (stored as the last point of
+    # the eval_<metric> curves, and the non-loss metrics as scores; with your own evaluation:
+    # callback.record_scores({task: {metric: value}})).
+    dynamics.evaluate_per_task(trainer, evaluation)
     callback.close()
     print(f"run store: {callback.run_dir}")
-    return Path(callback.run_dir)
+    return Path(str(callback.run_dir))
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     rec.close()
     print(f"run store: {rec.run_dir}")
-    return Path(rec.run_dir)
+    return Path(str(rec.run_dir))
 
 
 if __name__ == "__main__":

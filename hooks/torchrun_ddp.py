@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--probe-every", type=int, default=5)
     parser.add_argument("--probe-size", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--history", default=None, help="write each rank's log history to <dir>/rank<r>.json")
     args = parser.parse_args(argv)
 
     from transformers import Trainer, TrainingArguments
@@ -74,6 +75,13 @@ def main(argv: list[str] | None = None) -> Path | None:
     )  # fmt: skip
     trainer.train()
     callback.close()
+    if args.history:
+        import json
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        Path(args.history).mkdir(parents=True, exist_ok=True)
+        record = {"log_history": trainer.state.log_history, "probes_run": callback.recorder.prober.n_run}
+        (Path(args.history) / f"rank{rank}.json").write_text(json.dumps(record))
     if trainer.is_world_process_zero():
         print(f"run store: {callback.run_dir}")
     if torch.distributed.is_initialized():

@@ -19,6 +19,7 @@ __all__ = [
     "reduce_device",
     "all_reduce_sum",
     "sharding_reason",
+    "unwrap_model",
 ]
 
 
@@ -64,6 +65,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     out = tensor.to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(tensor.device)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DataParallel / FSDP1 / DeepSpeed wrappers (PEFT is left to the loss
+    module, which knows its base model): what the loss kind is resolved from."""
+    for _ in range(16):  # wrappers of wrappers; bounded against cycles
+        name = type(model).__name__
+        inner = getattr(model, "module", None)
+        if isinstance(inner, nn.Module) and (
+            isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+            or name in ("FullyShardedDataParallel", "DeepSpeedEngine", "PipelineEngine")
+        ):
+            model = inner
+            continue
+        break
+    return model
 
 
 def sharding_reason(model: nn.Module | None, trainer: object | None = None) -> str | None:

@@ -14,12 +14,12 @@
 Models called without keyword labels (``model(x)``) report explicitly instead:
 ``rec.observe(logits, labels, task_ids)`` (or ``rec.observe_losses(per_example_loss, task_ids)``)
 after each forward. Under torch.distributed (torchrun), every rank runs the same code: the
-per-task sums are all-reduced, rank 0 probes and writes.
+per-task sums are all-reduced, every rank probes the same held batch, rank 0 writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dynamics.integrations.config import RecorderConfig
 from dynamics.integrations.probe_batch import build_probe_batch
-from dynamics.integrations.recorder import (
-    DEFAULT_PROBE_EVERY,
-    DEFAULT_PROBE_SIZE,
-    DEFAULT_SYNC_EVERY,
-    Recorder,
-)
-from dynamics.signals.losses import LossSpec
+from dynamics.integrations.recorder import Recorder
 
 __all__ = ["LoopRecorder"]
 
@@ -44,67 +39,45 @@ class LoopRecorder:
 
     Args:
         model: the module the loop calls (its forward gets ``task_ids`` stripped by a pre-hook).
-        tasks: task names; ``task_ids`` index into this list.
+        tasks: task names; ``task_ids`` index into this list or name the tasks.
         out_dir: run store directory (rank 0 writes); ``None`` for logs only.
-        probe_every, probe_size, tags, meta, loss, probe_kwargs, update_direction, sync_every, seed:
-            as for :class:`~dynamics.integrations.recorder.Recorder`.
-        probe_batch: a batch dict (model kwargs plus ``task_ids``) to probe.
-        probe_dataset: or a map-style dataset of dict items to draw a stratified probe batch from,
-            collated with ``collate_fn`` (default ``torch.utils.data.default_collate``).
-        start_step: the optimizer step the loop resumes after (0 for a fresh run).
+        config: a :class:`~dynamics.integrations.config.RecorderConfig`.
+        start_step: the optimizer step the loop resumes after (0 for a fresh run; > 0 resumes the
+            run in ``out_dir``, dropping its rows after that step).
+        **options: :class:`RecorderConfig` fields (``probe_every``, ``probe_size``, ``tags``,
+            ``probe_batch``, ``probe_dataset`` with ``collate_fn``, ...).
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        tasks: Sequence[str],
-        out_dir: str | Path | None,
-        probe_every: int = DEFAULT_PROBE_EVERY,
-        probe_size: int = DEFAULT_PROBE_SIZE,
-        tags: Mapping[str, Any] | None = None,
-        meta: Mapping[str, Any] | None = None,
-        loss: LossSpec = "auto",
-        probe_batch: Mapping[str, Any] | None = None,
-        probe_dataset: Any = None,
-        collate_fn: Callable[[list[Any]], Any] | None = None,
-        probe_kwargs: Mapping[str, Any] | None = None,
-        update_direction: bool = True,
-        sync_every: int = DEFAULT_SYNC_EVERY,
-        seed: int = 0,
+        tasks: Sequence[str] | None = None,
+        out_dir: str | Path | None = None,
+        config: RecorderConfig | None = None,
         start_step: int = 0,
+        **options: Any,
     ) -> None:
-        self.recorder = Recorder(
-            tasks,
-            out_dir=out_dir,
-            tags=tags,
-            meta=meta,
-            probe_every=probe_every,
-            probe_size=probe_size,
-            loss=loss,
-            probe_kwargs=probe_kwargs,
-            update_direction=update_direction,
-            sync_every=sync_every,
-            seed=seed,
-        )
+        if out_dir is not None:
+            options["out_dir"] = out_dir
+        self.recorder = Recorder(tasks, config=config, **options)
+        cfg = self.recorder.cfg
         self.recorder.attach_model(model)
-        if probe_batch is not None:
-            self.recorder.set_probe_batch(probe_batch)
-        elif probe_dataset is not None:
-            collate = collate_fn or torch.utils.data.default_collate
+        if cfg.probe_batch is None and cfg.probe_dataset is not None:
+            collate = cfg.collate_fn or torch.utils.data.default_collate
             batch, task_ids = build_probe_batch(
-                probe_dataset, collate, len(self.recorder.tasks), probe_size, seed=seed
+                cfg.probe_dataset, collate, len(cfg.tasks), cfg.probe_size, seed=cfg.seed, tasks=cfg.tasks
             )
             self.recorder.set_probe_batch(batch, task_ids)
         self.step = int(start_step)
-        self.recorder.start()
+        self.recorder.start(resume_step=self.step or None)
 
     @property
     def tasks(self) -> list[str]:
         return self.recorder.tasks
 
-    def observe(self, logits: torch.Tensor, labels: torch.Tensor, task_ids: Any) -> None:
-        """Report one micro-batch's logits and labels (for models called without ``labels=``)."""
+    def observe(self, logits: Any, labels: torch.Tensor, task_ids: Any) -> None:
+        """Report one micro-batch's logits (or model output) and labels (for models called without ``labels=``)."""
         self.recorder.observe_logits(logits, labels, task_ids)
 
     def observe_losses(
@@ -118,8 +91,8 @@ class LoopRecorder:
         """Wrap one optimizer step; yields its number ``s`` (1-based).
 
         On probe steps the probe runs at the parameters before the step with the step itself as
-        ``direction``; afterwards the step is closed (losses queued, synced every ``sync_every``).
-        A collective under torch.distributed: every rank must enter it once per optimizer step.
+        ``direction``; afterwards the step is closed. A collective under torch.distributed: every
+        rank must enter it once per optimizer step.
         """
         step = self.step + 1
         groups = getattr(optimizer, "param_groups", None)
@@ -135,24 +108,28 @@ class LoopRecorder:
         self.step = step
 
     def logs(self) -> dict[str, float]:
-        """Scalars ``dynamics/<name>/<task>`` since the last call (syncs; a collective)."""
+        """Scalars ``dynamics/<name>/<task>`` since the last call."""
         return self.recorder.logs()
 
     def record_scores(self, scores: Mapping[str, Mapping[str, float]]) -> None:
         """Record final per-task scores ``{task: {metric: value}}``."""
         self.recorder.record_scores(scores)
 
+    def record_eval(self, metrics: Mapping[str, Any], step: int | None = None, prefix: str = "eval") -> None:
+        """Record one evaluation (``eval_<task>_<metric>`` keys) as score curves at ``step``
+        (default: the current step) and its non-loss metrics as final scores."""
+        self.recorder.record_eval(self.step if step is None else step, metrics, prefix)
+
     @property
     def run_dir(self) -> Path | None:
         return self.recorder.out_dir
 
     def flush(self) -> None:
-        """Sync pending steps (a collective) and write them."""
-        self.recorder.sync()
+        """Write every closed step to the store now."""
         self.recorder.flush()
 
     def close(self) -> None:
-        """Sync, flush and close the store; remove the hooks (a collective under torch.distributed)."""
+        """Flush and close the store; remove the hooks."""
         self.recorder.close()
 
     def __enter__(self) -> LoopRecorder:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dynamics.integrations.task_ids import TASK_IDS_KEY
+from dynamics.integrations.task_ids import TASK_IDS_KEY, encode_task_ids, task_of_item
 
 __all__ = ["stratified_indices", "build_probe_batch", "split_task_ids", "to_device"]
 
@@ -76,20 +76,6 @@ def stratified_indices(
     return [i for p in picked for i in p]
 
 
-def _item_task(item: Any, key: str) -> int:
-    if not isinstance(item, Mapping) or key not in item:
-        raise ValueError(
-            f"dataset items must be dicts with a {key!r} entry (the task index of the example) to build "
-            "a stratified probe batch; add it to the dataset or pass probe_batch= explicitly"
-        )
-    value = item[key]
-    if isinstance(value, torch.Tensor):
-        value = value.reshape(-1)[0]
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        value = value[0]
-    return int(value)
-
-
 def build_probe_batch(
     dataset: Any,
     collate_fn: Callable[[list[Any]], Any],
@@ -98,8 +84,11 @@ def build_probe_batch(
     *,
     seed: int = 0,
     key: str = TASK_IDS_KEY,
+    tasks: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Collate a stratified probe batch from a map-style dataset of dict items.
+
+    ``task_ids`` may be indices or, given ``tasks``, the task names.
 
     The collator runs inside a forked RNG scope, so a random collator (e.g. MLM masking) does not
     consume the training RNG.
@@ -112,36 +101,46 @@ def build_probe_batch(
             f"a probe batch needs a map-style dataset (with __len__ and __getitem__), got {type(dataset).__name__}; "
             "pass probe_batch= (a collated batch holding task_ids) instead"
         )
+    names = list(tasks) if tasks is not None else [str(a) for a in range(n_tasks)]
     column_names = getattr(dataset, "column_names", None)
     if isinstance(column_names, list) and key in column_names:
         # datasets.Dataset: reading one column is cheap, decoding whole rows (images) is not.
         column = dataset[key]
 
         def task_of(i: int) -> int:
-            return int(column[i])
+            return task_of_item({key: column[i]}, names, key)
     else:
 
         def task_of(i: int) -> int:
-            return _item_task(dataset[i], key)
+            return task_of_item(dataset[i], names, key)
 
     indices = stratified_indices(task_of, len(dataset), n_tasks, size, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        batch = collate_fn([dataset[i] for i in indices])
-    return split_task_ids(batch, key=key, n_tasks=n_tasks)
+        items = [dataset[i] for i in indices]
+        if tasks is not None:  # names -> indices before the collator (which may drop strings)
+            items = [
+                {**item, key: encode_task_ids(item[key], tasks)} if isinstance(item, Mapping) else item
+                for item in items
+            ]
+        batch = collate_fn(items)
+    return split_task_ids(batch, key=key, n_tasks=n_tasks, tasks=tasks)
 
 
 def split_task_ids(
-    batch: Any, *, key: str = TASK_IDS_KEY, n_tasks: int | None = None
+    batch: Any, *, key: str = TASK_IDS_KEY, n_tasks: int | None = None, tasks: Sequence[str] | None = None
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Separate ``batch[key]`` from a collated batch; check it is one id per example in range."""
+    """Separate ``batch[key]`` from a collated batch; check it is one id per example in range.
+
+    Ids may be indices or (given ``tasks``) names."""
     if not isinstance(batch, Mapping) or key not in batch:
         raise ValueError(
             f"the probe batch must be a dict holding {key!r} (one task index per example), got "
             f"{type(batch).__name__} with keys {sorted(batch) if isinstance(batch, Mapping) else '-'}"
         )
     rest = {k: v for k, v in batch.items() if k != key}
-    task_ids = torch.as_tensor(batch[key]).reshape(-1).long()
+    raw = encode_task_ids(batch[key], tasks) if tasks is not None else batch[key]
+    task_ids = torch.as_tensor(raw).reshape(-1).long()
     if n_tasks is not None and task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= n_tasks):
         raise ValueError(
             f"probe batch task ids must lie in 0..{n_tasks - 1}, got {sorted(set(task_ids.tolist()))}"

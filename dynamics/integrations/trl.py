@@ -343,7 +343,7 @@ class _Observer:
 
     def _token_losses(self, output: Any, labels: Any, shift_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token CE of a causal LM's logits: ``(B, L-1)`` (``(B, L)`` with ``shift_labels``)."""
-        from dynamics.integrations.per_task_loss import extract_logits
+        from dynamics.signals.losses import extract_logits
 
         logits = extract_logits(output)
         if logits is None or labels is None and shift_labels is None:

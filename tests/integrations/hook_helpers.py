@@ -32,9 +32,15 @@ class ItemDataset(Dataset):
         return self.items[i]
 
 
-def trainer_for(model, dataset, out: Path, *, callbacks=None, eval_dataset=None, **overrides):
+def trainer_for(
+    model, dataset, out: Path, *, callbacks=None, eval_dataset=None, compute_metrics=None, trainer_cls=None,
+    args_cls=None, **overrides,
+):  # fmt: skip
     """A CPU Trainer with sequential batches (so tests know which examples form each step)."""
     from transformers import Trainer, TrainingArguments
+
+    trainer_cls = trainer_cls or Trainer
+    args_cls = args_cls or TrainingArguments
 
     kwargs: dict[str, Any] = dict(
         output_dir=str(out),
@@ -50,12 +56,13 @@ def trainer_for(model, dataset, out: Path, *, callbacks=None, eval_dataset=None,
         seed=0,
     )
     kwargs.update(overrides)
-    return Trainer(
+    return trainer_cls(
         model=model,
-        args=TrainingArguments(**kwargs),
+        args=args_cls(**kwargs),
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         callbacks=callbacks,
+        compute_metrics=compute_metrics,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import signal
@@ -36,7 +37,7 @@ def test_two_gloo_ranks_record_the_single_process_losses_once(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     log = (tmp_path / "torchrun.log").open("w+")  # a file, not a pipe: a full pipe would stall the ranks
     ddp_job = subprocess.Popen(
-        [*torchrun, str(RECIPE), "--out", str(tmp_path / "ddp"), *ARGS],
+        [*torchrun, str(RECIPE), "--out", str(tmp_path / "ddp"), "--history", str(tmp_path / "history"), *ARGS],
         cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,  # its own group: the ranks too
     )  # fmt: skip
     try:
@@ -70,3 +71,16 @@ def test_two_gloo_ranks_record_the_single_process_losses_once(tmp_path):
         a, b = ddp.xs(name, level="name"), single.xs(name, level="name")
         assert sorted(a.index.get_level_values("step").unique()) == [2, 4]
         assert a.sort_index().tolist() == pytest.approx(b.sort_index().tolist(), rel=1e-4, abs=1e-6), name
+
+    # No rank idles while another probes: both ranks probed the same held batch at steps 2 and 4.
+    ranks = [json.loads((tmp_path / "history" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["probes_run"] for r in ranks] == [[2, 4], [2, 4]]
+    # The token-weighted mean of the per-task losses is the loss the Trainer logs (global batch).
+    logged = {h["step"]: h["loss"] for h in ranks[0]["log_history"] if "loss" in h}
+    loss, tokens = ddp.xs("loss", level="name"), ddp.xs("n_tokens", level="name")
+    for step, value in logged.items():
+        weighted = sum(loss[(step, t, "")] * tokens[(step, t, "")] for t in ("caption", "vqa", "report")
+                       if (step, t, "") in loss.index)  # fmt: skip
+        total = sum(tokens[(step, t, "")] for t in ("caption", "vqa", "report"))
+        assert f"{weighted / total:.4g}" == f"{value:.4g}"  # to the printed digits
+        assert weighted / total == pytest.approx(value, rel=1e-5)

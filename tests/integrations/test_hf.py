@@ -55,7 +55,10 @@ def test_token_weighted_task_losses_equal_the_trainers_logged_loss(tmp_path, fam
     mean = _weighted_mean(tmp_path / "dynamics")
     assert sorted(mean) == sorted(logged) == [1, 2, 3]
     for step, value in logged.items():
+        assert f"{mean[step]:.4g}" == f"{value:.4g}"  # to the digits the Trainer prints
         assert mean[step] == pytest.approx(value, rel=1e-5)
+    loss, n = store_table(tmp_path / "dynamics", "loss"), store_table(tmp_path / "dynamics", "n_tokens")
+    assert ((n > 0) == loss.reindex_like(n).notna()).all().all()  # a loss wherever a task has examples
     if family != "lora_llama":  # LoRA dropout makes the training forward differ from an eval reference
         # Step 1 = examples 0..7 (two micro-batches of 4) at the initial weights: per task, transformers'
         # own loss on that task's examples alone.
@@ -97,6 +100,7 @@ def test_tensorboard_event_files_hold_the_dynamics_scalars(tmp_path):
         "train/dynamics/fisher_se",
         "train/dynamics/update_cosine/a",
     } <= tags
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]  # one chart per signal, all tasks in it
 
 
 def test_probes_do_not_change_training(tmp_path):
@@ -122,29 +126,58 @@ def test_probes_do_not_change_training(tmp_path):
     assert sorted(store_table(tmp_path / "with" / "dynamics", "update_cosine").index) == [1, 2, 3, 4]
 
 
-def test_evaluation_during_training_gives_scores_and_is_not_counted_as_training(tmp_path):
+def _token_accuracy(pred) -> dict[str, float]:
+    """compute_metrics for a causal LM: next-token accuracy on the supervised positions."""
+    logits, labels = pred.predictions, pred.label_ids
+    hit = (logits[:, :-1].argmax(-1) == labels[:, 1:])[labels[:, 1:] != -100]
+    return {"accuracy": float(hit.mean())}
+
+
+def test_every_evaluation_is_a_per_task_curve_and_the_last_one_the_final_score(tmp_path):
     batch, ids, data = _data(llama_batch)
     held_out, held_ids = llama_batch(n=12, seed=7)
-    evals = {
-        t: ItemDataset({k: v[held_ids == a] for k, v in held_out.items()}, held_ids[held_ids == a])
-        for a, t in enumerate(TASKS)
-    }
+    one_eval_set = ItemDataset(held_out, held_ids)  # one set with a task_ids column, split per task
     trainer = trainer_for(
-        tiny_llama(), data, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, eval_dataset=evals
-    )
+        tiny_llama(), data, tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2,
+        eval_dataset=dynamics.split_by_task(one_eval_set, TASKS), compute_metrics=_token_accuracy,
+    )  # fmt: skip
     dynamics.attach(trainer, tasks=TASKS, probe_every=2, probe_size=6)
     trainer.train()
-    last_eval = {
-        t: [h[f"eval_{t}_loss"] for h in trainer.state.log_history if f"eval_{t}_loss" in h][-1]
-        for t in TASKS
-    }
-    scores = load_runs(tmp_path / "dynamics").scores.set_index(["task", "metric"])["value"]
+    history = trainer.state.log_history
+    runs = load_runs(tmp_path / "dynamics")
+    curves = store_table(tmp_path / "dynamics", "eval_loss")
+    accuracy = store_table(tmp_path / "dynamics", "eval_accuracy")
     for t in TASKS:
-        assert scores[(t, "loss")] == pytest.approx(last_eval[t])
-    assert scores[("", "loss")] == pytest.approx(sum(last_eval.values()) / 3)
+        logged = {h["step"]: h[f"eval_{t}_loss"] for h in history if f"eval_{t}_loss" in h}
+        assert sorted(logged) == [2, 4]
+        assert curves[t].dropna().to_dict() == pytest.approx(logged)  # a curve: every evaluation, at its step
+        acc = {h["step"]: h[f"eval_{t}_accuracy"] for h in history if f"eval_{t}_accuracy" in h}
+        assert accuracy[t].dropna().to_dict() == pytest.approx(acc)
+    scores = runs.scores.set_index(["task", "metric"])["value"]
+    last = {t: [h[f"eval_{t}_accuracy"] for h in history if f"eval_{t}_accuracy" in h][-1] for t in TASKS}
+    for t in TASKS:
+        assert scores[(t, "accuracy")] == pytest.approx(last[t])
+    assert scores[("", "accuracy")] == pytest.approx(sum(last.values()) / 3)
+    assert not any(
+        m.endswith("loss") for m in scores.index.get_level_values("metric")
+    )  # a loss is never a score
     assert ("a", "runtime") not in scores.index
+    assert scores.notna().all()
     n_examples = store_table(tmp_path / "dynamics", "n_examples").sum(axis=1)
     assert n_examples.tolist() == [4.0] * 4  # eval forwards (12 examples at steps 2, 4) are not training
+
+
+def test_evaluate_per_task_from_one_eval_set(tmp_path):
+    _, _, data = _data(llama_batch)
+    held_out, held_ids = llama_batch(n=12, seed=7)
+    trainer = trainer_for(tiny_llama(), data, tmp_path, max_steps=2)
+    callback = dynamics.attach(trainer, tasks=TASKS, probe_every=0)
+    trainer.train()
+    metrics = dynamics.evaluate_per_task(trainer, ItemDataset(held_out, held_ids))
+    callback.close()  # the evaluation's rows are on disk at the latest now (or within flush_seconds)
+    assert {f"eval_{t}_loss" for t in TASKS} <= set(metrics)
+    curve = store_table(tmp_path / "dynamics", "eval_loss")
+    assert curve.loc[2].to_dict() == pytest.approx({t: metrics[f"eval_{t}_loss"] for t in TASKS})
 
 
 def test_resume_from_checkpoint_keeps_each_step_once(tmp_path):
@@ -167,14 +200,27 @@ def test_resume_from_checkpoint_keeps_each_step_once(tmp_path):
     assert merged["value_first"].tolist() == pytest.approx(merged["value_resumed"].tolist(), rel=1e-5)
 
 
-def test_callback_passed_to_the_trainer_binds_itself(tmp_path):
+def test_callback_passed_to_the_trainer_and_bound_goes_first(tmp_path):
     _, _, data = _data(llama_batch)
     callback = dynamics.DynamicsCallback(TASKS, probe_every=0)
     trainer = trainer_for(tiny_llama(), data, tmp_path, callbacks=[callback])
+    callback.bind(trainer)  # the explicit handle (what attach does); no stack walking
     assert trainer.callback_handler.callbacks[0] is callback  # first, so its log keys reach every reporter
+    assert trainer.callback_handler.callbacks.count(callback) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error", DynamicsWarning)
         trainer.train()  # remove_unused_columns=True: task_ids must survive the column filter
+    mean = _weighted_mean(tmp_path / "dynamics")
+    for step, value in logged_losses(trainer).items():
+        assert mean[step] == pytest.approx(value, rel=1e-5)
+
+
+def test_unbound_callback_still_records_losses_and_says_how_to_attach(tmp_path):
+    _, _, data = _data(llama_batch)
+    callback = dynamics.DynamicsCallback(TASKS, probe_every=0)
+    trainer = trainer_for(tiny_llama(), data, tmp_path, callbacks=[callback])
+    with pytest.warns(DynamicsWarning, match="dynamics.attach"):
+        trainer.train()
     mean = _weighted_mean(tmp_path / "dynamics")
     for step, value in logged_losses(trainer).items():
         assert mean[step] == pytest.approx(value, rel=1e-5)

@@ -18,14 +18,31 @@ def _main(name: str):
 
 def test_hf_trainer_recipe(tmp_path):
     run_dir = _main("hf_trainer")(
-        ["--out", str(tmp_path), "--model", "llava", "--steps", "6", "--probe-every", "3"]
+        [
+            "--out",
+            str(tmp_path),
+            "--model",
+            "llava",
+            "--steps",
+            "6",
+            "--probe-every",
+            "3",
+            "--eval-every",
+            "3",
+        ]
     )
     rs = load_runs(run_dir)
     m = rs.metrics
     assert sorted(m.loc[m["name"] == "train_loss", "step"]) == list(range(1, 7))
     assert sorted(m.loc[m["name"] == "fisher_se", "step"]) == [3, 6]
+    curve = m[m["name"] == "eval_loss"]
+    assert sorted(set(curve["task"])) == ["caption", "report", "vqa"]
+    assert sorted(curve["step"].unique()) == [3, 6]  # every evaluation, at its step
     scores = rs.scores.set_index(["task", "metric"])["value"]
-    assert {("caption", "loss"), ("vqa", "loss"), ("report", "loss"), ("", "loss")} <= set(scores.index)
+    assert {("caption", "accuracy"), ("vqa", "accuracy"), ("report", "accuracy"), ("", "accuracy")} <= set(
+        scores.index
+    )
+    assert scores.notna().all() and ("", "loss") not in scores.index
     assert rs.runs.loc[0, "model"] == "llava"
 
 

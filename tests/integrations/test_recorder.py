@@ -99,8 +99,8 @@ def test_bad_task_ids_warn_once_and_keep_the_rest(tmp_path):
         rec.close()  # out-of-range ids are counted on the device and reported at the sync
     messages = sorted(str(w.message) for w in caught)
     assert len(messages) == 3
-    assert "1 training examples (the first at step 1) have task ids outside the declared tasks" in messages[0]
-    assert "no 'task_ids'" in messages[1]
+    assert "no 'task_ids'" in messages[0]
+    assert "dropped 1 of 6 training examples over the run so far (the first at step 1)" in messages[1]
     assert "one task index per example" in messages[2]
     assert rec.recorder.problems["no_task_ids"] == 3
     m = load_runs(tmp_path / "run").metrics
