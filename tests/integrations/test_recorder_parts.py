@@ -268,24 +268,23 @@ def test_out_of_range_warning_counts_over_the_run(tmp_path):
 
 
 # ---------------------------------------------------------------------- the TRL hand-over
-def test_attach_hands_trl_trainers_to_the_trl_adapter_and_skips_it_when_missing(tmp_path, monkeypatch):
-    import sys
-    import types
-
+def test_attach_hands_trainers_with_a_trl_class_to_the_trl_adapter(tmp_path, monkeypatch):
     from transformers import Trainer
+
+    import dynamics.integrations.trl as trl_adapter
 
     batch, ids = llama_batch(n=8, seed=1)
     data = ItemDataset(batch, ids)
     FakeSFT = type("SFTTrainer", (Trainer,), {"__module__": "trl.trainer.sft_trainer"})
+    UserSFT = type("MySFT", (FakeSFT,), {"__module__": "my_project.train"})  # a user's subclass
     calls = []
-    adapter = types.ModuleType("dynamics.integrations.trl")
-    adapter.adapt = lambda trainer, callback: calls.append((trainer, callback))  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "dynamics.integrations.trl", adapter)
+    monkeypatch.setattr(trl_adapter, "adapt", lambda trainer, callback: calls.append((trainer, callback)))
     trainer = trainer_for(tiny_llama(), data, tmp_path / "a", trainer_cls=FakeSFT)
     callback = dynamics.attach(trainer, tasks=TASKS, probe_every=0)
     assert calls == [(trainer, callback)]
     plain = trainer_for(tiny_llama(), data, tmp_path / "b")
     dynamics.attach(plain, tasks=TASKS, probe_every=0)
     assert len(calls) == 1  # only TRL trainers
-    monkeypatch.setitem(sys.modules, "dynamics.integrations.trl", None)  # the module is missing: skipped
-    dynamics.attach(trainer_for(tiny_llama(), data, tmp_path / "c", trainer_cls=FakeSFT), tasks=TASKS)
+    sub = trainer_for(tiny_llama(), data, tmp_path / "c", trainer_cls=UserSFT)
+    dynamics.attach(sub, tasks=TASKS, probe_every=0)
+    assert len(calls) == 2 and calls[1][0] is sub
