@@ -17,7 +17,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from dynamics import _import_hooks
+
 __version__ = "0.1.0"
+
+# TRL packing keeps task ids per token once TRL's SFT trainer is imported (standard library only here).
+_import_hooks.install()
 
 # name -> module that defines it; resolved on first attribute access (PEP 562).
 _LAZY = {

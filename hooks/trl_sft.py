@@ -13,9 +13,9 @@ in ``TASKS``), in any dataset format SFTTrainer takes (here: conversations with
 
 before ``trainer.train()``. ``attach`` keeps ``task_ids`` through TRL's collator, reads TRL's fused
 outputs (per-token log-probs, no logits) and, with ``packing=True``, counts every packed example
-for its own task. Packing needs one more line, before the trainer is built (TRL packs in its
-``__init__`` and keeps only the tokens and labels): ``import dynamics.integrations.trl`` makes it
-pack the task ids along with the tokens. Per-task losses land in ``<output_dir>/dynamics`` and in
+for its own task. TRL packs inside ``SFTTrainer(...)`` and keeps only the tokens and labels, so
+``import dynamics`` must come before the trainer is built (as at the top of any script): it makes
+TRL pack the task ids along with the tokens. Per-task losses land in ``<output_dir>/dynamics`` and in
 the trainer's logs.
 
 The model is a tiny Llama built from a config and the tokenizer a word-level one built from the

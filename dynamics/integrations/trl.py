@@ -588,8 +588,8 @@ def adapt(trainer: Any, callback: Any) -> None:
             recorder.warn_once(
                 "packing_dropped_task_ids",
                 "dynamics: this SFTTrainer packed its dataset without 'task_ids' (TRL keeps only input_ids and "
-                "labels when packing), so per-task losses cannot be recorded. Import dynamics.integrations.trl "
-                "(or call dynamics.integrations.trl.keep_task_ids_through_packing()) before building the "
+                "labels when packing), so per-task losses cannot be recorded. Import dynamics (or call "
+                "dynamics.integrations.trl.keep_task_ids_through_packing()) before building the "
                 "SFTTrainer, and the ids are packed per token along with the tokens.",
             )
     elif isinstance(trainer, DPOTrainer):

@@ -407,3 +407,28 @@ print(sum("packed its dataset without 'task_ids'" in str(w.message) for w in cau
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_import_dynamics_before_trl_is_enough_for_packing():
+    """`import dynamics` (light: no torch) arms an import hook that patches SFTTrainer's packing as soon
+    as TRL's SFT trainer module is executed, so a packing script needs only the two documented lines."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import dynamics
+assert "torch" not in sys.modules and "trl" not in sys.modules
+from trl import SFTTrainer
+import dynamics.integrations.trl as adapter
+assert SFTTrainer._prepare_dataset.__wrapped__ is adapter._ORIGINAL_PREPARE
+print("patched")
+"""
+    root = HOOKS.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=str(root), capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "patched"
