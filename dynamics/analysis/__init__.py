@@ -14,11 +14,13 @@ Analysis side: pandas, scipy and statsmodels; never the trainer integrations or 
 
 from __future__ import annotations
 
+from dynamics.analysis.attainable import Attainability, attainability, min_pvalue, runs_needed
 from dynamics.analysis.compare import compare
 from dynamics.analysis.correlate import correlate, partial_correlation
 from dynamics.analysis.features import features
 from dynamics.analysis.forecast import forecast
 from dynamics.analysis.loss_curvature import loss_curvature
+from dynamics.analysis.exact import EXACT_MAX_N
 from dynamics.analysis.mixed import MixedResult, mixed_model
 from dynamics.analysis.multiple_testing import adjust_pvalues
 from dynamics.analysis.scores import delta_m, multitask_score
@@ -35,4 +37,9 @@ __all__ = [
     "delta_m",
     "loss_curvature",
     "adjust_pvalues",
+    "attainability",
+    "Attainability",
+    "min_pvalue",
+    "runs_needed",
+    "EXACT_MAX_N",
 ]
