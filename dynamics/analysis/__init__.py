@@ -8,6 +8,7 @@
     compare(feats, by="construction", pair_on=("model", "seed"))     # IMAX vs DMAX, per feature
     correlate(feats, target="multitask_score", control="model")      # which signals go with the score
     forecast(runs, fractions=(0.1, 0.25), group="model")             # early training -> final score
+    attainability(compare(...)).sentence     # "With 2 pairs ... no finding can be significant ..."
 
 Analysis side: pandas, scipy and statsmodels; never the trainer integrations or torch.
 """

@@ -221,8 +221,8 @@ def _group_pairs(feats: pd.DataFrame, by: str, groups: Sequence[Any] | None) -> 
 
 def compare(
     feats: pd.DataFrame,
-    by: str = "construction",
-    pair_on: str | Sequence[str] | None = ("model", "seed"),
+    by: str,
+    pair_on: str | Sequence[str] | None = None,
     groups: Sequence[Any] | None = None,
     features: str | Sequence[str] | None = None,
     n_boot: int = 2000,
@@ -236,9 +236,9 @@ def compare(
 
     Args:
         feats: the output of :func:`dynamics.analysis.features` (or any frame with a ``by`` column).
-        by: the tag whose values define the groups.
-        pair_on: tags that identify matching runs across groups (``None``: unpaired). Every column
-            named must exist.
+        by: the tag whose values define the groups (e.g. ``"construction"``).
+        pair_on: tags that identify matching runs across groups, e.g. ``("model", "seed")``
+            (default ``None``: unpaired). Every column named must exist.
         groups: ``(a, b)``, the two values of ``by`` to compare (``diff = b - a``). Default: every
             pair of values, in sorted order.
         features: feature columns or glob patterns (default: all feature columns).

@@ -23,9 +23,28 @@ import numpy as np
 
 from dynamics.analysis.loss_curvature import curvature_on_grid
 
-__all__ = ["SortedSeries", "sort_series", "basic_summaries", "curvature_summaries", "phase_windows"]
+__all__ = [
+    "SortedSeries",
+    "sort_series",
+    "basic_summaries",
+    "curvature_summaries",
+    "phase_windows",
+    "phase_of",
+    "DEFAULT_PHASES",
+]
 
 BASIC_STATS = ("mean", "final", "auc", "slope")
+DEFAULT_PHASES = (1 / 3, 2 / 3)
+"""early = (0, 1/3], middle = (1/3, 2/3], late = (2/3, 1] of the horizon: the one phase rule."""
+
+
+def phase_of(frac: np.ndarray, bounds: tuple[float, ...] = DEFAULT_PHASES) -> np.ndarray:
+    """Phase index of each point at fraction ``frac`` of its horizon for contiguous ``bounds``.
+
+    The rule of :func:`phase_windows`: a point at exactly a boundary belongs to the phase that ends
+    there (``frac = 1/3`` is early), ``frac <= 0`` is the first phase, ``frac > 1`` the last.
+    """
+    return np.searchsorted(np.asarray(bounds, float), np.asarray(frac, float), side="left")
 
 
 @dataclass

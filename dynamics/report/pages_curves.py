@@ -125,7 +125,10 @@ def build_loss(ctx: ReportContext) -> list[Figure]:
         best = finals.loc[finals.groupby("task")["final"].idxmin()]
         wins = best["group"].value_counts()
         leader = wins.index[0]
-        title = f"{leader} ends with the lowest loss on {wins.iloc[0]} of {len(tasks)} tasks"
+        title = (
+            f"Observed: {leader} ends with the lowest mean loss on {wins.iloc[0]} of {len(tasks)} tasks "
+            "(descriptive, not tested)"
+        )
     else:
         first = curves.sort_values("step").groupby("task")["mean"].first()
         drop = 1 - finals.set_index("task")["final"] / first

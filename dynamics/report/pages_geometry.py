@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 
 from dynamics.report.aggregate import PHASE_NAMES, PROBE_BINS, binned_curves, phase_means
 from dynamics.report.context import PHASES, ReportContext
+from dynamics.report.findings import test_suffix
 from dynamics.report.page import NoData, Page
 from dynamics.report.pages_curves import draw_band, group_legend
 from dynamics.report.style import fmt, new_page, page_note, page_title
@@ -68,9 +69,10 @@ def build_cosine(ctx: ReportContext) -> list[Figure]:
     tasks = [t for t in ctx.tasks if t in present]
     by_phase = means.groupby("phase", observed=True)["value"].mean()
     early, late = by_phase.get("early", np.nan), by_phase.get("late", np.nan)
-    trend = "align less" if late < early else "align more"
+    trend = "falls" if late < early else "rises"
     title = (
-        f"Task gradients {trend} as training goes on: mean cosine {fmt(early, 2)} early, {fmt(late, 2)} late"
+        f"Observed: the mean cosine between task gradients {trend} from {fmt(early, 2)} early "
+        f"to {fmt(late, 2)} late in training"
     )
     groups = [g for g in ctx.groups if g in set(means["group"])]
     chunks = [groups[i : i + GROUPS_PER_PAGE] for i in range(0, len(groups), GROUPS_PER_PAGE)]
@@ -140,7 +142,10 @@ def build_conflict(ctx: ReportContext) -> list[Figure]:
 
     if len(level) >= 2:
         hi, lo = level.idxmax(), level.idxmin()
-        title = f"{hi} has the most gradient conflicts: {show(level[hi])} vs {show(level[lo])} for {lo}"
+        title = (
+            f"Observed: {hi} has the most gradient conflicts, {show(level[hi])} vs {show(level[lo])} for {lo}"
+            + test_suffix(ctx, "conflict_rate/all/mean")
+        )
     else:
         title = f"Gradient conflicts average {show(level.iloc[0])} over training"
     fig, axes = new_page(1, 1)

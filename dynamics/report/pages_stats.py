@@ -15,10 +15,11 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from dynamics.report.context import ReportContext
-from dynamics.report.findings import best_forecast_row
+from dynamics.report.findings import best_forecast_row, comparison_power, correlation_power
 from dynamics.report.page import NoData, Page
 from dynamics.report.style import fmt, fmt_p, new_page, page_note, page_title
-from dynamics.report.tables import ALPHA, comparison_table, key_correlations, signal_features
+from dynamics.report.context import ALPHA
+from dynamics.report.tables import comparison_table, key_correlations, signal_features
 
 __all__ = ["COMPARISON", "CORRELATION", "FORECAST", "draw_table"]
 
@@ -72,6 +73,9 @@ def build_comparison(ctx: ReportContext) -> list[Figure]:
             else f"{ctx.group} groups"
         )
         title = f"{n_sig} of {n_tested} training signals differ between {between} after Holm correction"
+        power = comparison_power(ctx)
+        if power is not None and not power.possible:
+            title += f"; with {power.n} {power.unit} none can"
     else:
         title = f"Final score by {ctx.group} (no training-signal comparison: {ctx.comparison.note})"
     fig, axes = new_page(1, 1)
@@ -85,11 +89,15 @@ def build_comparison(ctx: ReportContext) -> list[Figure]:
         + f": {ctx.target} first, then the signals with the smallest Holm-adjusted p",
     )
     shown = int((table["feature"] != ctx.target).sum())
+    prespecified = ", ".join([ctx.target, *ctx.primary_features])
+    power = comparison_power(ctx)
     page_note(
         fig,
-        f"Green: p (Holm) < {ALPHA}. Bold rows: the pre-specified tests ({ctx.target}, Fisher SE and rho), "
+        f"Green: p (Holm) < {ALPHA}. Bold rows: the pre-specified tests ({prespecified}), "
         f"Holm-adjusted together; other rows: Holm-adjusted over all {n_tested} signal features (the exploratory family). "
-        f"diff: mean difference with its bootstrap 95% CI; Cohen's d: d_z for paired rows. Showing {shown} rows.",
+        f"p: exact for n <= 10; min p at n: the smallest p the test can reach with this sample. "
+        f"diff: mean difference with its bootstrap 95% CI; Cohen's d: d_z for paired rows (n/a below 4 pairs). "
+        f"Showing {shown} rows." + (f" {power.sentence}" if power is not None and not power.possible else ""),
     )
     return [fig]
 
@@ -143,7 +151,7 @@ def build_correlation(ctx: ReportContext) -> list[Figure]:
     else:
         title = (
             f"No training signal is associated with {ctx.target} after Holm correction "
-            f"(strongest: {top['feature']}, r = {fmt(top['r'], 2)})"
+            f"(strongest observed: {top['feature']}, r = {fmt(top['r'], 2)})"
         )
     page_title(fig, title, f"The strongest signal of each kind against the final score {ctx.target}")
     from dynamics.report.pages_curves import group_legend
@@ -167,8 +175,8 @@ def build_forecast(ctx: ReportContext) -> list[Figure]:
     pct = f"{100 * row['fraction']:g}%"
     if beats:
         title = (
-            f"From the first {pct} of training, {ctx.target} is forecast better than the baseline "
-            f"(MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])})"
+            f"Observed: from the first {pct} of training, {ctx.target} is forecast with a lower error than "
+            f"the baseline (MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])}; {int(row['n_runs'])} runs)"
         )
     else:
         title = (
