@@ -26,7 +26,13 @@ app.add_typer(reproduce_app, name="reproduce")
 
 
 # The library's errors name its parameters (by=, pair_on=, ...); on the command line they are flags.
-_FLAGS = {"by": "--by", "pair_on": "--pair-on", "target": "--target", "out": "-o/--out", "primary": "--primary"}
+_FLAGS = {
+    "by": "--by",
+    "pair_on": "--pair-on",
+    "target": "--target",
+    "out": "-o/--out",
+    "primary": "--primary",
+}
 
 
 def _flags(message: str) -> str:

@@ -18,10 +18,10 @@ from __future__ import annotations
 from dynamics.analysis.attainable import Attainability, attainability, min_pvalue, runs_needed
 from dynamics.analysis.compare import compare
 from dynamics.analysis.correlate import correlate, partial_correlation
+from dynamics.analysis.exact import EXACT_MAX_N
 from dynamics.analysis.features import features
 from dynamics.analysis.forecast import forecast
 from dynamics.analysis.loss_curvature import loss_curvature
-from dynamics.analysis.exact import EXACT_MAX_N
 from dynamics.analysis.mixed import MixedResult, mixed_model
 from dynamics.analysis.multiple_testing import adjust_pvalues
 from dynamics.analysis.scores import delta_m, multitask_score

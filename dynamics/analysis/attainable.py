@@ -58,7 +58,7 @@ def min_pvalue(test: str, n: int | Sequence[int]) -> float:
     kind = TEST_KINDS.get(test)
     if kind is None:
         raise ValueError(f"test must be one of {sorted(TEST_KINDS)}, got {test!r}")
-    sizes = [int(n)] if np.isscalar(n) else [int(v) for v in n]  # type: ignore[arg-type]
+    sizes = [int(n)] if isinstance(n, (int, np.integer)) else [int(v) for v in n]
     if kind == "correlation":
         (k,) = sizes[:1] or [0]
         return 1.0 if k < 2 else min(1.0, 2.0 / math.factorial(k))
@@ -82,7 +82,9 @@ def _threshold(alpha: float, family_size: int, correction: str) -> float:
     raise ValueError(f"correction must be 'holm', 'bonferroni', 'bh' or 'none', got {correction!r}")
 
 
-def runs_needed(test: str, *, alpha: float = 0.05, family_size: int = 1, correction: str = "holm") -> int | None:
+def runs_needed(
+    test: str, *, alpha: float = 0.05, family_size: int = 1, correction: str = "holm"
+) -> int | None:
     """Fewest observations (runs, pairs, or runs per group for a balanced unpaired test) at which
     the smallest attainable p reaches the (corrected) threshold; None beyond 200."""
     kind = TEST_KINDS.get(test)

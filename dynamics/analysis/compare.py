@@ -308,7 +308,14 @@ def compare(
                 ok = np.isfinite(pa) & np.isfinite(pb)
                 unmatched = int(a_all.size + b_all.size - 2 * ok.sum())
                 _paired(
-                    row, pa[ok], pb[ok], min_n=min_n, n_boot=n_boot, n_perm=n_perm, rng=rng, confidence=confidence
+                    row,
+                    pa[ok],
+                    pb[ok],
+                    min_n=min_n,
+                    n_boot=n_boot,
+                    n_perm=n_perm,
+                    rng=rng,
+                    confidence=confidence,
                 )
                 if unmatched > 0 and not cell_note:
                     notes.append(f"{unmatched} run(s) without a partner left out")
@@ -316,7 +323,14 @@ def compare(
                 if pair_cols:
                     notes.append(f"no runs match on {pair_cols}: unpaired tests")
                 _unpaired(
-                    row, a_all, b_all, min_n=min_n, n_boot=n_boot, n_perm=n_perm, rng=rng, confidence=confidence
+                    row,
+                    a_all,
+                    b_all,
+                    min_n=min_n,
+                    n_boot=n_boot,
+                    n_perm=n_perm,
+                    rng=rng,
+                    confidence=confidence,
                 )
             if row["note"]:
                 notes.insert(0, row["note"])

@@ -119,7 +119,9 @@ def _check_declared(ranges: Mapping[str, Any], where: str) -> dict[str, dict[str
 
 def is_declared_format(ranges: Any) -> bool:
     """True for ``{task: {metric: [worst, best]}}`` (the metadata format), False for ``ranges``."""
-    return isinstance(ranges, Mapping) and bool(ranges) and all(isinstance(v, Mapping) for v in ranges.values())
+    return (
+        isinstance(ranges, Mapping) and bool(ranges) and all(isinstance(v, Mapping) for v in ranges.values())
+    )
 
 
 def declared_score_ranges(runset: Any) -> dict[str, dict[str, tuple[float, float]]]:

@@ -143,8 +143,8 @@ def _phase_means(
         # Points outside every window go to an extra slot per series (no masked copies of the data).
         slots = n_win + 1
         flat = series * slots + np.where(idx >= 0, idx, n_win)
-        n = np.bincount(flat, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
-        tot = np.bincount(flat, y, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
+        n: np.ndarray = np.bincount(flat, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
+        tot: np.ndarray = np.bincount(flat, y, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
     else:
         n = np.zeros((n_series, n_win))
         tot = np.zeros((n_series, n_win))
@@ -176,7 +176,7 @@ def basic_summaries(ss: SortedSeries, horizon: np.ndarray, windows: Mapping) -> 
         final[s[last]] = y[last]
         same = s[1:] == s[:-1]
         trap = np.where(same, np.diff(x) * (y[1:] + y[:-1]) * 0.5, 0.0)
-        auc = np.bincount(s[:-1], trap, minlength=m)
+        auc: np.ndarray = np.bincount(s[:-1], trap, minlength=m)
     else:
         auc = np.zeros(m)
     auc = np.where(n >= 2, auc, np.nan)

@@ -44,7 +44,9 @@ REPLICATE_TAGS = ("model", "seed")
 class Stat:
     """One statistics frame, or the reason it is missing."""
 
-    frame: pd.DataFrame | None = None
+    # A DataFrame, or None when ``note`` says why not; typed Any so that the pages, which only read
+    # a frame after checking ``ok``, need no cast at every use.
+    frame: Any = None
     note: str | None = None
 
     @property
@@ -139,9 +141,7 @@ def _resolve_group(runset: RunSet, by: str | None) -> str | None:
             )
         return by
     # Default: the one tag that varies and is not a replicate tag (several such tags: ambiguous).
-    varying = [
-        t for t in tags if t not in REPLICATE_TAGS and runset.runs[t].nunique(dropna=True) > 1
-    ]
+    varying = [t for t in tags if t not in REPLICATE_TAGS and runset.runs[t].nunique(dropna=True) > 1]
     return varying[0] if len(varying) == 1 else None
 
 
@@ -298,13 +298,14 @@ def _compute_statistics(ctx: ReportContext, note: Callable[[str], None]) -> None
     else:
         note("comparing groups")
         pair_on = ctx.pair or None
-        ctx.comparison = _attempt(lambda: compare(feats, by=ctx.group, pair_on=pair_on))
+        by = ctx.group
+        ctx.comparison = _attempt(lambda: compare(feats, by=by, pair_on=pair_on))
         # Pre-specified hypotheses get their own, small Holm family instead of being one of the
         # hundreds of exploratory tests.
         primary = [ctx.target] if has_target else []
         primary += [f for f in ctx.primary_features if f in feats.columns and feats[f].notna().any()]
         ctx.primary = (
-            _attempt(lambda: compare(feats, by=ctx.group, pair_on=pair_on, features=primary))
+            _attempt(lambda: compare(feats, by=by, pair_on=pair_on, features=primary))
             if primary
             else Stat(None, f"{ctx.target!r} has no values in these runs")
         )

@@ -14,11 +14,10 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
-from dynamics.report.context import ReportContext
-from dynamics.report.findings import best_forecast_row, comparison_power, correlation_power
+from dynamics.report.context import ALPHA, ReportContext
+from dynamics.report.findings import best_forecast_row, comparison_power
 from dynamics.report.page import NoData, Page
 from dynamics.report.style import fmt, fmt_p, new_page, page_note, page_title
-from dynamics.report.context import ALPHA
 from dynamics.report.tables import comparison_table, key_correlations, signal_features
 
 __all__ = ["COMPARISON", "CORRELATION", "FORECAST", "draw_table"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from dynamics.report.page import NoData, Page
 from dynamics.report.pages_overview import build_overview
 from dynamics.report.progress import StepProgress
 from dynamics.report.style import apply_theme
+from dynamics.store.reader import RunSet
 
 __all__ = ["build_report", "render_pages", "ReportResult", "PAGES"]
 
@@ -98,7 +99,9 @@ def render_pages(
 def _output_path(out: str | os.PathLike[str]) -> Path:
     path = Path(out)
     if path.is_dir():
-        raise ValueError(f"out={str(path)!r} is a directory; give a file name such as {str(path / 'report.pdf')!r}")
+        raise ValueError(
+            f"out={str(path)!r} is a directory; give a file name such as {str(path / 'report.pdf')!r}"
+        )
     if path.suffix.lower() != ".pdf":
         raise ValueError(f"out={str(path)!r} does not end in .pdf; the report is a PDF (e.g. 'report.pdf')")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,18 +109,18 @@ def _output_path(out: str | os.PathLike[str]) -> Path:
 
 
 def build_report(
-    run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str] | RunSet | ReportContext,
     out: str | os.PathLike[str],
     *,
     by: str | None = None,
-    pair_on: Iterable[str] | str | None = None,
+    pair_on: Sequence[str] | str | None = None,
     target: str = "multitask_score",
     primary: Iterable[str] = (),
     figures_dir: str | os.PathLike[str] | None = None,
     title: str | None = None,
     progress: bool = True,
     group: str | None = None,
-    pair: Iterable[str] | str | None = None,
+    pair: Sequence[str] | str | None = None,
 ) -> ReportResult:
     """Write a multi-page PDF report for a set of runs.
 

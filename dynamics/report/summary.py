@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pandas as pd
 from rich.console import Console
@@ -36,14 +36,14 @@ def print_summary(
     run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     *,
     by: str | None = None,
-    pair_on: Iterable[str] | str | None = None,
+    pair_on: Sequence[str] | str | None = None,
     target: str = "multitask_score",
     primary: Iterable[str] = (),
     max_rows: int = 15,
     console: Console | None = None,
     progress: bool = True,
     group: str | None = None,
-    pair: Iterable[str] | str | None = None,
+    pair: Sequence[str] | str | None = None,
 ) -> ReportContext:
     """Print the report's key tables and findings to the terminal; returns the context used.
 

@@ -185,7 +185,9 @@ def test_small_n_constant_and_missing_values():
     ok = feats["gappy/all/mean"].notna()
     ref = stats.spearmanr(feats.loc[ok, "gappy/all/mean"], feats.loc[ok, "multitask_score"])
     assert (
-        g["n"] == 5 and g["r"] == pytest.approx(ref.statistic) and g["p_asymptotic"] == pytest.approx(ref.pvalue)
+        g["n"] == 5
+        and g["r"] == pytest.approx(ref.statistic)
+        and g["p_asymptotic"] == pytest.approx(ref.pvalue)
     )
     # n = 5 <= EXACT_MAX_N: the p the corrections use is the full permutation test (5! pairings).
     exact = stats.permutation_test(

@@ -36,7 +36,10 @@ def test_exact_correlation_p_equals_scipys_full_permutation_test(method, ties):
         if ties:
             x[:2] = x[0]
         ref = stats.permutation_test(
-            (x,), lambda a: SCIPY[method](a, y).statistic, permutation_type="pairings", n_resamples=np.inf
+            (x,),
+            lambda a, y=y: SCIPY[method](a, y).statistic,
+            permutation_type="pairings",
+            n_resamples=np.inf,
         )
         assert exact_correlation_p(x, y, method) == pytest.approx(ref.pvalue, rel=1e-12), (n, method)
 
@@ -45,7 +48,9 @@ def test_exact_kendall_without_ties_equals_scipy_method_exact():
     rng = np.random.default_rng(2)
     for n in (4, 6, 9):
         x, y = rng.standard_normal(n), rng.standard_normal(n)
-        assert exact_correlation_p(x, y, "kendall") == pytest.approx(stats.kendalltau(x, y, method="exact").pvalue)
+        assert exact_correlation_p(x, y, "kendall") == pytest.approx(
+            stats.kendalltau(x, y, method="exact").pvalue
+        )
 
 
 def test_stratified_p_equals_brute_force_over_within_group_permutations():

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
-from tests.report.pdf_tools import needs_poppler, page_count, page_text, render, squash
-from tests.report.synthetic_runs import write_run, write_runs
 
 from dynamics import load_runs
 from dynamics.report import PAGES, build_report
 from dynamics.report.context import build_context
 from dynamics.report.pages_geometry import cosine_matrix
 from dynamics.report.pdf import render_pages
+from tests.report.pdf_tools import needs_poppler, page_count, page_text, render, squash
+from tests.report.synthetic_runs import write_run, write_runs
 
 TITLES = {p.key: p.title for p in PAGES}
 ALL_PAGES = ["Overview", *TITLES.values()]
@@ -139,7 +139,9 @@ def test_findings_quote_the_correlation_and_forecast(full, stats):
     assert float(m.group(3)) == pytest.approx(strongest["ci_low"], abs=0.006)
     assert float(m.group(4)) == pytest.approx(strongest["ci_high"], abs=0.006)
     assert int(m.group(5)) == strongest["n"]
-    assert _close(m.group(6), strongest["p_value"], p=True) and _close(m.group(7), strongest["p_holm"], p=True)
+    assert _close(m.group(6), strongest["p_value"], p=True) and _close(
+        m.group(7), strongest["p_holm"], p=True
+    )
     assert float(m.group(8)) == pytest.approx(strongest["partial_r"], abs=0.006)
     assert _close(m.group(9), strongest["partial_p"], p=True)
 
