@@ -9,16 +9,15 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from dynamics.report.aggregate import PROBE_BINS, binned_curves
 from dynamics.report.context import ReportContext
 from dynamics.report.findings import test_suffix
 from dynamics.report.page import NoData, Page
-from dynamics.report.pages_curves import draw_band, group_legend
-from dynamics.report.style import fmt, new_page, page_note, page_title
+from dynamics.report.pages_curves import group_legend
+from dynamics.report.style import fmt, page_note, page_title
 
 __all__ = ["FISHER"]
 
-_PANELS = (
+_PANELS = (  # the same panels as dynamics.plot.FISHER_PANELS
     ("fisher_se", "spectral entropy SE", "lower: gradient energy in fewer directions"),
     ("fisher_rho", "dominant eigenvalue ratio ρ", "higher: one direction dominates"),
 )
@@ -51,16 +50,9 @@ def build_fisher(ctx: ReportContext) -> list[Figure]:
         parts = [f"{label.split()[-1]} averages {fmt(level[name].iloc[0])}" for name, label, _, _ in panels]
         title = "Fisher spectrum over training: " + ", ".join(parts)
 
-    fig, axes = new_page(1, len(panels))
-    for ax, (_, label, hint, rows) in zip(axes.flat, panels, strict=True):
-        curves = binned_curves(rows, n_bins=PROBE_BINS, by=())
-        for g in ctx.groups:
-            c = curves[curves["group"] == g]
-            if not c.empty:
-                draw_band(ax, c, ctx.palette[g])
-        ax.set_title(f"{label}\n({hint})", fontweight="bold")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
+    from dynamics.plot import fisher_curves
+
+    fig = fisher_curves(ctx)
     page_title(
         fig,
         title,
