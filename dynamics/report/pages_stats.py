@@ -24,6 +24,16 @@ _SIG_COLOR = "#e3f2e1"
 _HEADER_COLOR = "#eaeaf2"
 
 
+_MAX_CELL = 44
+
+
+def _middle_ellipsis(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    keep = limit - 3
+    return text[: keep - keep // 2] + "..." + text[-(keep // 2) :]
+
+
 def draw_table(
     ax, frame: pd.DataFrame, highlight: list[bool] | None = None, *, fontsize: float = 9.5, bold_rows: int = 0
 ) -> None:
@@ -35,6 +45,13 @@ def draw_table(
     if frame.empty:
         return
     cells = frame.astype(str).to_numpy().tolist()
+    for row in cells:  # long feature names keep their head and tail: "grad_cosine/a...|b/mean"
+        row[0] = _middle_ellipsis(row[0], _MAX_CELL)
+    # Shrink the font until the estimated table width fits the axes (no text off the page).
+    widths = [max(len(str(h)), *(len(r[c]) for r in cells)) + 2 for c, h in enumerate(frame.columns)]
+    fig_width = ax.figure.get_size_inches()[0] * ax.get_position().width
+    while fontsize > 5.5 and sum(widths) * fontsize * 0.6 / 72 > fig_width:
+        fontsize -= 0.5
     table = ax.table(cellText=cells, colLabels=list(frame.columns), loc="upper center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(fontsize)
