@@ -154,10 +154,10 @@ def _resolve_pair(runset: RunSet, by: str | None, pair_on: Sequence[str] | str |
     unknown = [p for p in pair_on if p not in tags]
     if unknown:
         raise ValueError(
-            f"pair_on tag(s) {unknown} are not tags of these runs; their tags are {sorted(tags) or 'none'}"
+            f"pair_on={list(pair_on)!r}: {unknown} are not tags of these runs; their tags are {sorted(tags) or 'none'}"
         )
     if by is not None and by in pair_on:
-        raise ValueError(f"pair_on cannot contain the by tag {by!r}: runs are paired across its groups")
+        raise ValueError(f"pair_on={list(pair_on)!r} contains by={by!r}: runs are paired across its groups")
     return tuple(pair_on)
 
 

@@ -41,9 +41,14 @@ def test_every_text_box_stays_inside_the_page(report):
             outside = [
                 c["text"]
                 for c in page.chars
-                if c["x0"] < -tol or c["x1"] > page.width + tol or c["top"] < -tol or c["bottom"] > page.height + tol
+                if c["x0"] < -tol
+                or c["x1"] > page.width + tol
+                or c["top"] < -tol
+                or c["bottom"] > page.height + tol
             ]
-            assert not outside, f"page {number} ({report.result.pages[number - 1]}): text off the page: {''.join(outside)[:80]!r}"
+            assert not outside, (
+                f"page {number} ({report.result.pages[number - 1]}): text off the page: {''.join(outside)[:80]!r}"
+            )
 
 
 def _data_boxes(ax, renderer):
@@ -65,7 +70,7 @@ def _data_boxes(ax, renderer):
 
 
 def test_every_axes_is_labelled_and_no_legend_covers_data(report):
-    for key, title, fig in report.figures:
+    for _key, title, fig in report.figures:
         FigureCanvasAgg(fig)
         fig.canvas.draw()
         renderer = fig.canvas.get_renderer()

@@ -243,7 +243,11 @@ def test_runs_with_different_task_sets(tmp_path):
         ({"out": "{tmp}"}, ValueError, "is a directory"),
         ({"out": "{tmp}/report.png"}, ValueError, "does not end in .pdf"),
         ({"by": "method"}, ValueError, "by='method' is not a tag of these runs"),
-        ({"pair_on": "model,gpu"}, ValueError, "pair_on tag.* not tags of these runs"),
+        (
+            {"pair_on": "model,gpu"},
+            ValueError,
+            r"pair_on=\['model', 'gpu'\]: \['gpu'\] are not tags of these runs",
+        ),
         ({"target": "score/cls/f1"}, ValueError, "not a score of these runs"),
     ],
 )
