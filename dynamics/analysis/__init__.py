@@ -44,3 +44,30 @@ __all__ = [
     "runs_needed",
     "EXACT_MAX_N",
 ]
+
+
+def _callable_modules() -> None:
+    """Make ``dynamics.analysis.features`` (and compare, correlate, forecast) the module again.
+
+    ``from .features import features`` above binds the function over the submodule of the same
+    name, so ``import dynamics.analysis.features as m`` used to give the function. The package
+    attribute is now the module itself, made callable: ``features(runs)`` calls the function,
+    ``features.score_labels`` is the module's helper, and ``import dynamics.analysis.features`` gives
+    the module. (Static checkers still see the function, from the import above.)
+    """
+    import inspect
+    import sys
+    import types
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return self.__dict__[self.__name__.rsplit(".", 1)[1]](*args, **kwargs)
+
+    for name in ("features", "compare", "correlate", "forecast"):
+        module = sys.modules[f"{__name__}.{name}"]
+        module.__class__ = CallableModule
+        module.__signature__ = inspect.signature(getattr(module, name))  # type: ignore[attr-defined]
+        globals()[name] = module
+
+
+_callable_modules()

@@ -183,9 +183,9 @@ def attainability(
         >>> from dynamics.analysis import attainability
         >>> a = attainability(test="wilcoxon", n=2, family_size=557)
         >>> a.possible, a.min_p, a.n_needed
-        (False, 0.5, 19)
+        (False, 0.5, 15)
         >>> a.sentence.split(":")[1].strip()
-        'no finding can be significant with this many runs, whatever the data (at least 19 pairs would be needed).'
+        'no finding can be significant with this many runs, whatever the data (at least 15 pairs would be needed).'
     """
     if table is not None:
         if table.empty:
