@@ -231,7 +231,8 @@ def test_pairing_rules_unmatched_duplicates_no_match_and_many_groups():
         ("IMAX", "MIXED"),
     ]
     with pytest.raises(ValueError, match="pair_on.*'seed'"):
-        compare(feats, by="construction")  # the default pair_on names a tag this frame lacks
+        compare(feats, by="construction", pair_on=("model", "seed"))  # a pair_on tag this frame lacks
+    assert not compare(feats, by="construction", n_boot=0).loc[0, "paired"]  # default: unpaired
     with pytest.raises(ValueError, match="no run has construction == 'BOTH'"):
         compare(feats, by="construction", pair_on="model", groups=("DMAX", "BOTH"))
     with pytest.raises(ValueError, match="did you mean"):
