@@ -65,9 +65,13 @@ def comparison_sentence(row: pd.Series, label: str | None = None, *, family: str
     """
     label = label or str(row["feature"])
     p = f"p = {fmt_p(row['p_value'])}, p_holm = {fmt_p(row['p_holm'])}" + (f", {family}" if family else "")
+    if pd.isna(row["diff_ci_low"]) or pd.isna(row["diff_ci_high"]):
+        ci = "no CI with this few pairs"
+    else:
+        ci = f"95% CI {fmt(row['diff_ci_low'])} to {fmt(row['diff_ci_high'])}"
     return (
         f"{label}: observed {row['group_b']} {fmt(row['mean_b'])} vs {row['group_a']} {fmt(row['mean_a'])} "
-        f"(difference {fmt(row['diff'])}, 95% CI {fmt(row['diff_ci_low'])} to {fmt(row['diff_ci_high'])}; "
+        f"(difference {fmt(row['diff'])}, {ci}; "
         f"{test_name(row['test'])}, {_n_text(row)}; {p}): {verdict(row['p_holm'])}."
     )
 
