@@ -6,6 +6,8 @@ Each command is a thin shell over a library function, imported inside the comman
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +25,23 @@ reproduce_app = typer.Typer(help="End-to-end reproductions.", no_args_is_help=Tr
 app.add_typer(reproduce_app, name="reproduce")
 
 
+# The library's errors name its parameters (by=, pair_on=, ...); on the command line they are flags.
+_FLAGS = {
+    "by": "--by",
+    "pair_on": "--pair-on",
+    "target": "--target",
+    "out": "-o/--out",
+    "primary": "--primary",
+}
+
+
+def _flags(message: str) -> str:
+    """A library error with its parameter names (``by='x'``) replaced by the CLI's flags (``--by 'x'``)."""
+    return re.sub(r"\b(" + "|".join(_FLAGS) + r")=", lambda m: _FLAGS[m.group(1)] + " ", message)
+
+
 def _fail(err: Exception) -> typer.Exit:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {_flags(str(err))}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
 
 
@@ -79,7 +96,7 @@ def _isna(value: object) -> bool:
 @app.command("import-tb")
 def import_tb_cmd(
     logdir: Annotated[Path, typer.Argument(help="A TensorBoard log directory (searched recursively).")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the run stores (one per event directory).")],
+    out: Annotated[Path, typer.Argument(help="Where to write the run stores (one per event directory).")],
     tasks: Annotated[
         list[str] | None,
         typer.Option("--task", help="Declare a task name (repeatable); default: from dynamics/ tags."),
@@ -92,7 +109,7 @@ def import_tb_cmd(
     from dynamics.store.tensorboard import import_tensorboard
 
     try:
-        written = import_tensorboard(logdir, out_dir, tasks=tasks, tags=_parse_tags(tag), progress=True)
+        written = import_tensorboard(logdir, out, tasks=tasks, tags=_parse_tags(tag), progress=True)
     except (FileNotFoundError, ValueError) as err:
         raise _fail(err) from err
     for path in written:
@@ -101,37 +118,59 @@ def import_tb_cmd(
 
 # ---- report commands (dynamics.report) -------------------------------------------------------
 
-_GROUP_HELP = "Tag whose groups are compared (default: construction, if it has two or more values)."
+_BY_HELP = "Tag whose groups are compared (default: the only varying tag other than model / seed)."
 _PAIR_HELP = "Comma-separated tags that pair runs across groups (default: model,seed where present)."
 _TARGET_HELP = "Final score to explain: multitask_score or score/<task>/<metric>."
+_PRIMARY_HELP = "Comma-separated pre-specified features tested with the target as their own Holm family."
+_OLD = "Deprecated name of {}."
+
+
+def _pick(new: str | None, old: str | None, new_flag: str, old_flag: str) -> str | None:
+    if old is None:
+        return new
+    if new is not None:
+        raise typer.BadParameter(f"pass {new_flag} only ({old_flag} is its deprecated name)")
+    typer.secho(f"warning: {old_flag} is deprecated; use {new_flag}", fg=typer.colors.YELLOW, err=True)
+    return old
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
 @app.command("report")
 def report_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Run directories, folders of runs, or globs.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="The PDF to write, e.g. report.pdf.")],
-    group: Annotated[str | None, typer.Option("--group", help=_GROUP_HELP)] = None,
-    pair: Annotated[str | None, typer.Option("--pair", help=_PAIR_HELP)] = None,
+    by: Annotated[str | None, typer.Option("--by", help=_BY_HELP)] = None,
+    pair_on: Annotated[str | None, typer.Option("--pair-on", help=_PAIR_HELP)] = None,
     target: Annotated[str, typer.Option("--target", help=_TARGET_HELP)] = "multitask_score",
+    primary: Annotated[str | None, typer.Option("--primary", help=_PRIMARY_HELP)] = None,
     figures: Annotated[
         Path | None, typer.Option("--figures", help="Also write each page as PNG and SVG here.")
     ] = None,
     title: Annotated[str | None, typer.Option("--title", help="Headline of the first page.")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    group: Annotated[str | None, typer.Option("--group", hidden=True, help=_OLD.format("--by"))] = None,
+    pair: Annotated[str | None, typer.Option("--pair", hidden=True, help=_OLD.format("--pair-on"))] = None,
 ) -> None:
     """A multi-page PDF: runs and key findings, curves, gradient geometry, Fisher spectrum, statistics."""
     from dynamics.report import build_report
 
+    by = _pick(by, group, "--by", "--group")
+    pair_on = _pick(pair_on, pair, "--pair-on", "--pair")
     try:
-        result = build_report(
-            [str(p) for p in paths], out, group=group, pair=pair, target=target, figures_dir=figures, title=title,
-            progress=progress,
-        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            result = build_report(
+                [str(p) for p in paths], out, by=by, pair_on=pair_on, target=target, primary=_split(primary),
+                figures_dir=figures, title=title, progress=progress,
+            )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         raise _fail(err) from err
     typer.echo(f"wrote {result.path} ({result.n_pages} pages, {result.seconds:.1f} s)")
     for page, reason in result.skipped.items():
-        typer.echo(f"  left out {page}: {reason}")
+        typer.echo(f"  left out {page}: {_flags(reason)}")
     if result.figures:
         typer.echo(f"  {len(result.figures)} figure files in {figures}")
 
@@ -139,19 +178,25 @@ def report_cmd(
 @app.command("summary")
 def summary_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Run directories, folders of runs, or globs.")],
-    group: Annotated[str | None, typer.Option("--group", help=_GROUP_HELP)] = None,
-    pair: Annotated[str | None, typer.Option("--pair", help=_PAIR_HELP)] = None,
+    by: Annotated[str | None, typer.Option("--by", help=_BY_HELP)] = None,
+    pair_on: Annotated[str | None, typer.Option("--pair-on", help=_PAIR_HELP)] = None,
     target: Annotated[str, typer.Option("--target", help=_TARGET_HELP)] = "multitask_score",
+    primary: Annotated[str | None, typer.Option("--primary", help=_PRIMARY_HELP)] = None,
     rows: Annotated[int, typer.Option("--rows", min=1, help="Rows per table.")] = 15,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    group: Annotated[str | None, typer.Option("--group", hidden=True, help=_OLD.format("--by"))] = None,
+    pair: Annotated[str | None, typer.Option("--pair", hidden=True, help=_OLD.format("--pair-on"))] = None,
 ) -> None:
     """The report's key tables and findings in the terminal."""
     from dynamics.report import print_summary
 
+    by = _pick(by, group, "--by", "--group")
+    pair_on = _pick(pair_on, pair, "--pair-on", "--pair")
     try:
         print_summary(
-            [str(p) for p in paths], group=group, pair=pair, target=target, max_rows=rows, progress=progress
-        )
+            [str(p) for p in paths], by=by, pair_on=pair_on, target=target, primary=_split(primary),
+            max_rows=rows, progress=progress,
+        )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         raise _fail(err) from err
 

@@ -8,6 +8,9 @@ from collections.abc import Sequence
 MIN_N = 4
 """Fewest paired (or total) observations for which a p-value is reported at all."""
 
+MIN_EFFECT_N = 4
+"""Fewest pairs (or runs per group) for which an effect size (Cohen's d, rank-biserial) is reported."""
+
 
 def warn_notes(notes: Sequence[str], what: str, nan_what: str = "p-values", stacklevel: int = 3) -> None:
     """One warning summarising how many rows carry a 'too few observations' note."""

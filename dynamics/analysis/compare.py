@@ -6,8 +6,13 @@ pairs (several runs in one cell are averaged first, and the note says so) and, f
 with ``d_i = b_i - a_i``:
 
 * Wilcoxon signed-rank test on ``d`` (``scipy.stats.wilcoxon``, zero differences dropped) in
-  ``test / statistic / p_value``, and the paired t-test (``scipy.stats.ttest_rel(b, a)``) in
-  ``t_test / t_statistic / p_t``;
+  ``test / statistic / p_value``: exact for ``n <= EXACT_MAX_N`` pairs (all ``2^n`` sign flips,
+  :mod:`dynamics.analysis.exact`), scipy's default method above; ``p_asymptotic`` is the normal
+  approximation (``method="approx"``), shown for reference only;
+* ``p_perm``: sign-flip permutation test of ``mean(d)`` (``scipy.stats.permutation_test``, all
+  ``2^n`` flips for ``n <= EXACT_MAX_N``, else ``n_perm`` random ones);
+* the paired t-test (``scipy.stats.ttest_rel(b, a)``) in ``t_test / t_statistic / p_t``
+  (parametric, uncorrected, for reference);
 * ``diff = mean(d)`` with a bootstrap CI (BCa, ``scipy.stats.bootstrap``), ``median_diff = median(d)``;
 * Cohen's ``d_z = mean(d) / sd(d)`` (sd with ``n - 1``);
 * matched-pairs rank-biserial ``r = (R+ - R-) / (R+ + R-)`` over the signed ranks of the non-zero
@@ -15,19 +20,26 @@ with ``d_i = b_i - a_i``:
 
 Without pairs (``pair_on=None``, or no run matches):
 
-* Mann-Whitney U (``scipy.stats.mannwhitneyu(b, a)``, ``statistic`` = ``U_b``) and Welch's t-test
-  (``scipy.stats.ttest_ind(b, a, equal_var=False)``);
+* Mann-Whitney U (``scipy.stats.mannwhitneyu(b, a)``, ``statistic`` = ``U_b``), exact (all splits)
+  for ``n_a + n_b <= EXACT_MAX_N``; ``p_asymptotic`` its normal approximation; ``p_perm`` the
+  two-sample permutation test of ``mean(b) - mean(a)``; Welch's t-test
+  (``scipy.stats.ttest_ind(b, a, equal_var=False)``) in ``p_t``;
 * ``diff = mean(b) - mean(a)`` with a bootstrap CI resampling each group independently,
   ``median_diff = median(b) - median(a)``;
 * Cohen's ``d = (mean(b) - mean(a)) / s_pooled``,
   ``s_pooled^2 = ((n_a - 1) s_a^2 + (n_b - 1) s_b^2) / (n_a + n_b - 2)``;
 * rank-biserial ``r = 2 U_b / (n_a n_b) - 1 = P(b > a) - P(b < a)``.
 
-``p_holm`` / ``p_bh`` correct ``p_value`` (the rank test) and ``p_t_holm`` / ``p_t_bh`` correct
-``p_t`` over all rows of the table (every feature and group pair) with Holm and Benjamini-Hochberg.
+``p_holm`` / ``p_bh`` correct ``p_value`` (the exact rank test) over all rows of the table (every
+feature and group pair) with Holm and Benjamini-Hochberg. ``p_min`` is the smallest p the rank test
+can reach with the row's sample (:func:`dynamics.analysis.min_pvalue`) and ``p_min_holm`` the
+smallest Holm-adjusted p for this family: when it exceeds ``alpha`` no row can be significant,
+whatever the data (:func:`dynamics.analysis.attainability` says it in words).
 Fewer than ``min_n`` pairs (paired) or a group with fewer than 2 runs or fewer than ``min_n`` runs in
 all (unpaired) give NaN p-values and CI, a ``note`` and one warning; so does a feature with no
-variation at all.
+variation at all. Effect sizes (``cohens_dz``, ``cohens_d``, ``rank_biserial``) need at least
+``MIN_EFFECT_N`` pairs (or runs per group); with fewer they are NaN (an ``sd`` from two
+differences makes ``d_z`` of +-100 routine).
 """
 
 from __future__ import annotations
@@ -42,11 +54,16 @@ import pandas as pd
 from scipy import stats
 
 from dynamics.analysis._columns import feature_columns, require_columns
-from dynamics.analysis._guards import MIN_N, warn_notes
+from dynamics.analysis._guards import MIN_EFFECT_N, MIN_N, warn_notes
+from dynamics.analysis.attainable import min_pvalue
+from dynamics.analysis.exact import EXACT_MAX_N, exact_method, exact_wilcoxon
 from dynamics.analysis.multiple_testing import adjust_pvalues
 from dynamics.analysis.resampling import bootstrap_ci, stream
 
-__all__ = ["compare", "paired_rank_biserial"]
+__all__ = ["compare", "paired_rank_biserial", "DEFAULT_N_PERM"]
+
+DEFAULT_N_PERM = 1999
+"""Random permutations for ``p_perm`` above ``EXACT_MAX_N`` (below it every permutation is used)."""
 
 
 def _mean_diff(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -86,6 +103,10 @@ def _row(feature: str, a: Any, b: Any) -> dict[str, Any]:
         "test": "",
         "statistic": np.nan,
         "p_value": np.nan,
+        "p_method": "",
+        "p_min": np.nan,
+        "p_asymptotic": np.nan,
+        "p_perm": np.nan,
         "t_test": "",
         "t_statistic": np.nan,
         "p_t": np.nan,
@@ -97,29 +118,38 @@ def _row(feature: str, a: Any, b: Any) -> dict[str, Any]:
 
 
 def _paired(
-    row: dict, a: np.ndarray, b: np.ndarray, *, min_n: int, n_boot: int, rng, confidence: float
+    row: dict, a: np.ndarray, b: np.ndarray, *, min_n: int, n_boot: int, n_perm: int, rng, confidence: float
 ) -> None:
     d = b - a
     n = d.size
-    row.update(paired=True, n_pairs=n, test="wilcoxon", t_test="paired_t")
+    row.update(paired=True, n_pairs=n, test="wilcoxon", t_test="paired_t", p_min=min_pvalue("wilcoxon", n))
     if n == 0:
         row["note"] = "too few pairs: none of the runs match on pair_on"
         return
     row.update(mean_a=a.mean(), mean_b=b.mean(), diff=d.mean(), median_diff=float(np.median(d)))
-    if n >= 2 and d.std(ddof=1) > 0:
-        row["cohens_dz"] = d.mean() / d.std(ddof=1)
-    row["rank_biserial"] = paired_rank_biserial(d)
+    if n >= MIN_EFFECT_N:
+        if d.std(ddof=1) > 0:
+            row["cohens_dz"] = d.mean() / d.std(ddof=1)
+        row["rank_biserial"] = paired_rank_biserial(d)
     if n < min_n:
         row["note"] = f"too few pairs for a test ({n} < {min_n})"
         return
     if np.all(d == 0):
         row["note"] = "no variation: every paired difference is 0"
         return
+    exact = n <= EXACT_MAX_N
+    perm_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])  # leaves rng to the bootstrap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        w = stats.wilcoxon(d)
+        w_stat, w_p = exact_wilcoxon(d) if exact else tuple(stats.wilcoxon(d))
+        approx = stats.wilcoxon(d, method="approx")
         t = stats.ttest_rel(b, a)
-    row.update(statistic=float(w.statistic), p_value=float(w.pvalue))
+        perm = stats.permutation_test(
+            (d,), _mean, permutation_type="samples", vectorized=True,
+            n_resamples=np.inf if exact else n_perm, rng=perm_rng,
+        )  # fmt: skip
+    row.update(statistic=float(w_stat), p_value=float(w_p), p_method="exact" if exact else "scipy")
+    row.update(p_asymptotic=float(approx.pvalue), p_perm=float(perm.pvalue))
     row.update(t_statistic=float(t.statistic), p_t=float(t.pvalue))
     if np.all(d == d[0]):
         row.update(t_statistic=np.nan, p_t=np.nan, note="constant paired difference: the t-test is undefined")
@@ -128,10 +158,10 @@ def _paired(
 
 
 def _unpaired(
-    row: dict, a: np.ndarray, b: np.ndarray, *, min_n: int, n_boot: int, rng, confidence: float
+    row: dict, a: np.ndarray, b: np.ndarray, *, min_n: int, n_boot: int, n_perm: int, rng, confidence: float
 ) -> None:
     na, nb = a.size, b.size
-    row.update(paired=False, test="mannwhitney", t_test="welch")
+    row.update(paired=False, test="mannwhitney", t_test="welch", p_min=min_pvalue("mannwhitney", (na, nb)))
     if na == 0 or nb == 0:
         row["note"] = f"too few runs: group sizes {na} and {nb}"
         return
@@ -141,12 +171,11 @@ def _unpaired(
         diff=b.mean() - a.mean(),
         median_diff=float(np.median(b) - np.median(a)),
     )
-    if na >= 2 and nb >= 2:
+    if min(na, nb) >= MIN_EFFECT_N:
         pooled = np.sqrt(((na - 1) * a.var(ddof=1) + (nb - 1) * b.var(ddof=1)) / (na + nb - 2))
         if pooled > 0:
             row["cohens_d"] = (b.mean() - a.mean()) / pooled
-    u = stats.mannwhitneyu(b, a)
-    row["rank_biserial"] = 2.0 * float(u.statistic) / (na * nb) - 1.0
+        row["rank_biserial"] = 2.0 * float(stats.mannwhitneyu(b, a).statistic) / (na * nb) - 1.0
     if min(na, nb) < 2 or na + nb < min_n:
         row["note"] = (
             f"too few runs for a test (groups of {na} and {nb}; need >= 2 each and >= {min_n} in all)"
@@ -155,10 +184,19 @@ def _unpaired(
     if np.ptp(np.r_[a, b]) == 0:
         row["note"] = "no variation: every run has the same value"
         return
+    exact = na + nb <= EXACT_MAX_N
+    perm_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])  # leaves rng to the bootstrap
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        u = stats.mannwhitneyu(b, a, method=exact_method()) if exact else stats.mannwhitneyu(b, a)
+        approx = stats.mannwhitneyu(b, a, method="asymptotic")
         t = stats.ttest_ind(b, a, equal_var=False)
-    row.update(statistic=float(u.statistic), p_value=float(u.pvalue))
+        perm = stats.permutation_test(
+            (a, b), _mean_diff, permutation_type="independent", vectorized=True,
+            n_resamples=np.inf if exact else n_perm, rng=perm_rng,
+        )  # fmt: skip
+    row.update(statistic=float(u.statistic), p_value=float(u.pvalue), p_method="exact" if exact else "scipy")
+    row.update(p_asymptotic=float(approx.pvalue), p_perm=float(perm.pvalue))
     row.update(t_statistic=float(t.statistic), p_t=float(t.pvalue))
     lo, hi = bootstrap_ci((a, b), _mean_diff, n_resamples=n_boot, rng=rng, confidence=confidence)
     row.update(diff_ci_low=lo, diff_ci_high=hi)
@@ -183,13 +221,14 @@ def _group_pairs(feats: pd.DataFrame, by: str, groups: Sequence[Any] | None) -> 
 
 def compare(
     feats: pd.DataFrame,
-    by: str = "construction",
-    pair_on: str | Sequence[str] | None = ("model", "seed"),
+    by: str,
+    pair_on: str | Sequence[str] | None = None,
     groups: Sequence[Any] | None = None,
     features: str | Sequence[str] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
     *,
+    n_perm: int = DEFAULT_N_PERM,
     confidence: float = 0.95,
     min_n: int = MIN_N,
 ) -> pd.DataFrame:
@@ -197,22 +236,25 @@ def compare(
 
     Args:
         feats: the output of :func:`dynamics.analysis.features` (or any frame with a ``by`` column).
-        by: the tag whose values define the groups.
-        pair_on: tags that identify matching runs across groups (``None``: unpaired). Every column
-            named must exist.
+        by: the tag whose values define the groups (e.g. ``"construction"``).
+        pair_on: tags that identify matching runs across groups, e.g. ``("model", "seed")``
+            (default ``None``: unpaired). Every column named must exist.
         groups: ``(a, b)``, the two values of ``by`` to compare (``diff = b - a``). Default: every
             pair of values, in sorted order.
         features: feature columns or glob patterns (default: all feature columns).
         n_boot: bootstrap resamples for the CI of ``diff`` (0 skips the CI).
         seed: seed of the bootstrap's random generator (each feature and group pair draws from
             its own stream, so its CI does not depend on the other features tested).
+        n_perm: random permutations for ``p_perm`` when the sample is above ``EXACT_MAX_N``.
         confidence: CI level. min_n: fewest observations for which p-values are reported.
 
     Returns:
         One row per feature and group pair with the columns ``feature, group_a, group_b, n_a, n_b,
         n_pairs, paired, mean_a, mean_b, diff, diff_ci_low, diff_ci_high, median_diff, test,
-        statistic, p_value, t_test, t_statistic, p_t, cohens_dz, cohens_d, rank_biserial, p_holm,
-        p_bh, p_t_holm, p_t_bh, note``.
+        statistic, p_value, p_method, p_min, p_asymptotic, p_perm, t_test, t_statistic, p_t,
+        cohens_dz, cohens_d, rank_biserial, p_holm, p_bh, p_min_holm, note``. ``p_method`` is
+        ``"exact"`` (every permutation) or ``"scipy"`` (scipy's default method, above
+        ``EXACT_MAX_N``).
 
     Example:
         >>> import numpy as np, pandas as pd
@@ -224,8 +266,10 @@ def compare(
         ...                       "fisher_se/all/mean": np.r_[se, se - 1 + 0.1 * rng.normal(size=8)]})
         >>> res = compare(feats, by="construction", pair_on="model", groups=("DMAX", "IMAX"), n_boot=200)
         >>> row = res.iloc[0]
-        >>> print(row["test"], row["n_pairs"], round(row["diff"], 1), row["p_value"] < 0.01)
-        wilcoxon 8 -1.1 True
+        >>> print(row["test"], row["n_pairs"], round(row["diff"], 1), row["p_method"], row["p_value"])
+        wilcoxon 8 -1.1 exact 0.0078125
+        >>> print(row["p_min"] == row["p_value"], row["p_min_holm"])  # 2 / 2**8: all 8 pairs agree
+        True 0.0078125
     """
     require_columns(feats, [by], "by")
     pair_cols = [pair_on] if isinstance(pair_on, str) else list(pair_on or [])
@@ -263,13 +307,31 @@ def compare(
                 pb = cell_b.loc[shared, j].to_numpy()
                 ok = np.isfinite(pa) & np.isfinite(pb)
                 unmatched = int(a_all.size + b_all.size - 2 * ok.sum())
-                _paired(row, pa[ok], pb[ok], min_n=min_n, n_boot=n_boot, rng=rng, confidence=confidence)
+                _paired(
+                    row,
+                    pa[ok],
+                    pb[ok],
+                    min_n=min_n,
+                    n_boot=n_boot,
+                    n_perm=n_perm,
+                    rng=rng,
+                    confidence=confidence,
+                )
                 if unmatched > 0 and not cell_note:
                     notes.append(f"{unmatched} run(s) without a partner left out")
             else:
                 if pair_cols:
                     notes.append(f"no runs match on {pair_cols}: unpaired tests")
-                _unpaired(row, a_all, b_all, min_n=min_n, n_boot=n_boot, rng=rng, confidence=confidence)
+                _unpaired(
+                    row,
+                    a_all,
+                    b_all,
+                    min_n=min_n,
+                    n_boot=n_boot,
+                    n_perm=n_perm,
+                    rng=rng,
+                    confidence=confidence,
+                )
             if row["note"]:
                 notes.insert(0, row["note"])
             row["note"] = "; ".join(notes)
@@ -277,8 +339,8 @@ def compare(
     out = pd.DataFrame(rows)
     out["p_holm"] = adjust_pvalues(out["p_value"], "holm")
     out["p_bh"] = adjust_pvalues(out["p_value"], "bh")
-    out["p_t_holm"] = adjust_pvalues(out["p_t"], "holm")
-    out["p_t_bh"] = adjust_pvalues(out["p_t"], "bh")
+    family = int(np.isfinite(out["p_value"].to_numpy(dtype=float)).sum()) or len(out)
+    out["p_min_holm"] = np.minimum(1.0, family * out["p_min"].to_numpy(dtype=float))
     order = [c for c in out.columns if c != "note"] + ["note"]
     warn_notes(out["note"].tolist(), "comparisons")
     return out[order]

@@ -2,12 +2,18 @@
 
 For each feature ``x`` against the target ``y`` (runs where both are known, ``n`` of them):
 
-* ``r``: Spearman's rho, Pearson's r or Kendall's tau-b, with ``p_value`` from the matching scipy
-  call (``spearmanr``, ``pearsonr``, ``kendalltau``);
+* ``r``: Spearman's rho, Pearson's r or Kendall's tau-b;
+* ``p_value``, the p-value that the corrections use: for ``n <= EXACT_MAX_N`` (10) runs the exact
+  permutation p over all ``n!`` pairings (:func:`dynamics.analysis.exact.exact_correlation_p`,
+  ``p_method = "exact"``); above, the matching scipy call (``spearmanr``, ``pearsonr``,
+  ``kendalltau``; ``p_method = "asymptotic"``). ``p_asymptotic`` is always that scipy call, kept
+  for reference: with 4 runs and ``|r| = 1`` it is 0 while the exact p is ``2 / 4! = 0.083``;
+* ``p_min``: the smallest p attainable with ``n`` runs (``2 / n!``) and ``p_min_holm`` the smallest
+  Holm-adjusted p for this family (see :func:`dynamics.analysis.attainability`);
 * ``ci_low``, ``ci_high``: bootstrap CI of ``r`` resampling runs (pairs kept together; BCa,
   ``scipy.stats.bootstrap``);
-* ``p_perm``: two-sided permutation p-value (``scipy.stats.permutation_test``, pairings), valid for
-  small ``n`` and any distribution;
+* ``p_perm``: two-sided permutation p-value (``scipy.stats.permutation_test``, pairings; equal to
+  ``p_value`` when that is exact, else ``n_perm`` random pairings);
 * ``p_holm``, ``p_bh``: ``p_value`` corrected over all features (Holm; Benjamini-Hochberg).
 
 Partial correlation controlling for tags ``control`` (e.g. the model): both ``x`` and ``y`` are
@@ -15,7 +21,13 @@ residualised on an intercept plus dummies of the control tags by least squares, 
 is the Pearson correlation of the residuals (for ``spearman``: of the residualised ranks, ranks
 taken over the complete cases). Its test uses ``t = r sqrt(df / (1 - r^2))`` with
 ``df = n - 2 - k``, ``k`` = number of dummy columns, which is exactly the t-test of ``x`` in the
-regression ``y ~ x + C(control)``. Kendall has no such partial and is refused with ``control``.
+regression ``y ~ x + C(control)``; it is ``partial_p_asymptotic``. For ``n <= EXACT_MAX_N`` the
+``partial_p`` used by the report is exact instead: ``y`` permuted only within the cells of the
+control tags, both sides residualised again for each permutation
+(:func:`dynamics.analysis.exact.stratified_correlation_p`). With ``control="construction"`` this
+is the *within-group* correlation: every value centred on its construction's mean, so a difference
+between constructions cannot make a feature "go with the score". Kendall has no such partial and is
+refused with ``control``.
 
 With ``mixed_group``, each feature also gets the slope of ``target ~ feature + (1 | group)``
 (:func:`dynamics.analysis.mixed.mixed_model`).
@@ -31,6 +43,8 @@ from scipy import stats
 
 from dynamics.analysis._columns import feature_columns, require_columns
 from dynamics.analysis._guards import MIN_N, warn_notes
+from dynamics.analysis.attainable import min_pvalue
+from dynamics.analysis.exact import EXACT_MAX_N, exact_correlation_p, stratified_correlation_p
 from dynamics.analysis.mixed import mixed_model
 from dynamics.analysis.multiple_testing import adjust_pvalues
 from dynamics.analysis.resampling import (
@@ -107,7 +121,8 @@ def correlate(
         target: the column to correlate with (default the multi-task score).
         method: ``"spearman"`` (default), ``"pearson"`` or ``"kendall"``.
         features: feature columns or glob patterns (default: all feature columns).
-        control: tag(s) to partial out (adds ``partial_r``, ``partial_p``, ``partial_df``).
+        control: tag(s) to partial out (adds ``partial_r``, ``partial_p``, ``partial_p_asymptotic``,
+            ``partial_df``); ``control="construction"`` gives the within-construction correlation.
         n_boot, n_perm: bootstrap and permutation resamples (0 skips them).
         seed: seed of the random generators (one stream per feature, so a feature's CI and
             permutation p do not depend on the other features tested). confidence: CI level.
@@ -116,8 +131,9 @@ def correlate(
             ``mixed_coef``, ``mixed_se``, ``mixed_p``, ``mixed_converged``).
 
     Returns:
-        One row per feature: ``feature, n, r, ci_low, ci_high, p_value, p_perm, p_holm, p_bh``
-        (+ partial / mixed columns), ``note``; in the order of ``features``
+        One row per feature: ``feature, n, r, ci_low, ci_high, p_value, p_method, p_min,
+        p_asymptotic, p_perm, p_holm, p_bh, p_min_holm`` (+ ``partial_r, partial_p,
+        partial_p_asymptotic, partial_df`` with ``control``, ``mixed_*`` with ``mixed_group``), ``note``; in the order of ``features``
         (``.sort_values("p_value")`` ranks them).
 
     Example:
@@ -163,11 +179,14 @@ def correlate(
             "ci_low": np.nan,
             "ci_high": np.nan,
             "p_value": np.nan,
+            "p_method": "",
+            "p_min": min_pvalue(method, int(ok.sum())),
+            "p_asymptotic": np.nan,
             "p_perm": np.nan,
             "note": "",
         }
         if control_cols:
-            row.update(partial_r=np.nan, partial_p=np.nan, partial_df=np.nan)
+            row.update(partial_r=np.nan, partial_p=np.nan, partial_p_asymptotic=np.nan, partial_df=np.nan)
         if mixed_group is not None:
             row.update(mixed_coef=np.nan, mixed_se=np.nan, mixed_p=np.nan, mixed_converged=False)
         n = x.size
@@ -181,23 +200,34 @@ def correlate(
                 row["r"] = float(stat(x, y))
         else:
             res = _SCIPY[method](x, y)
-            row["r"], row["p_value"] = float(res.statistic), float(res.pvalue)
+            row["r"], row["p_asymptotic"] = float(res.statistic), float(res.pvalue)
             batch = resample_batch(n, method)
             row["ci_low"], row["ci_high"] = bootstrap_ci(
                 (x, y), stat, n_resamples=n_boot, rng=rng, paired=True, confidence=confidence, batch=batch
             )
-            if method == "spearman":  # ranks only move with the permutation: rank once, then Pearson
-                row["p_perm"] = permutation_pvalue(
-                    stats.rankdata(x), stats.rankdata(y), CORRELATIONS["pearson"], n_resamples=n_perm, rng=rng
-                )
+            if n <= EXACT_MAX_N:
+                row["p_value"] = row["p_perm"] = exact_correlation_p(x, y, method)
+                row["p_method"] = "exact"
             else:
-                row["p_perm"] = permutation_pvalue(x, y, stat, n_resamples=n_perm, rng=rng, batch=batch)
+                row["p_value"], row["p_method"] = row["p_asymptotic"], "asymptotic"
+                if method == "spearman":  # ranks only move with the permutation: rank once, then Pearson
+                    row["p_perm"] = permutation_pvalue(
+                        stats.rankdata(x), stats.rankdata(y), CORRELATIONS["pearson"], n_resamples=n_perm,
+                        rng=rng,
+                    )  # fmt: skip
+                else:
+                    row["p_perm"] = permutation_pvalue(x, y, stat, n_resamples=n_perm, rng=rng, batch=batch)
             if control_cols:
                 both = ok & ctrl_ok
-                pr, pp, pdf = partial_correlation(
-                    x_all[both], y_all[both], feats.loc[both, control_cols], method=method
-                )
-                row.update(partial_r=pr, partial_p=pp, partial_df=pdf)
+                ctrl = feats.loc[both, control_cols]
+                pr, pp, pdf = partial_correlation(x_all[both], y_all[both], ctrl, method=method)
+                row.update(partial_r=pr, partial_p=pp, partial_p_asymptotic=pp, partial_df=pdf)
+                if np.isfinite(pr) and both.sum() <= EXACT_MAX_N:
+                    cells = ctrl.astype(str).agg("\x1f".join, axis=1).to_numpy()
+                    row["partial_p"], _ = stratified_correlation_p(
+                        x_all[both], y_all[both], _dummies(ctrl.reset_index(drop=True)), cells,
+                        method=method, rng=rng,
+                    )  # fmt: skip
             if mixed_group is not None:
                 mm = mixed_model(feats, target=target, feature=col, group=mixed_group, min_n=min_n)
                 row.update(
@@ -209,6 +239,11 @@ def correlate(
     out = pd.DataFrame(rows)
     out.insert(out.columns.get_loc("p_perm") + 1, "p_holm", adjust_pvalues(out["p_value"], "holm"))
     out.insert(out.columns.get_loc("p_holm") + 1, "p_bh", adjust_pvalues(out["p_value"], "bh"))
+    family = int(np.isfinite(out["p_value"].to_numpy(dtype=float)).sum()) or len(out)
+    out.insert(
+        out.columns.get_loc("p_bh") + 1, "p_min_holm", np.minimum(1.0, family * out["p_min"].to_numpy(float))
+    )
+    out.attrs["method"] = method
     out = out[[c for c in out.columns if c != "note"] + ["note"]]
     warn_notes(out["note"].tolist(), "correlations")
     return out

@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from dynamics.analysis.loss_curvature import DEFAULT_BANDWIDTH_FRACTION
-from dynamics.analysis.scores import multitask_score
+from dynamics.analysis.scores import declared_score_ranges, is_declared_format, multitask_score
 from dynamics.analysis.series import (
+    DEFAULT_PHASES,
     basic_summaries,
     curvature_summaries,
     phase_windows,
@@ -51,7 +52,7 @@ CURVATURE_NAMES = ("loss", "train_loss")
 _SHORT_RUN = 0.9  # a run ending before this fraction of the longest run's steps gets a warning
 
 
-def stat_names(phases: tuple[float, ...] | Mapping[str, tuple[float, float]] = (1 / 3, 2 / 3)) -> list[str]:
+def stat_names(phases: tuple[float, ...] | Mapping[str, tuple[float, float]] = DEFAULT_PHASES) -> list[str]:
     """The per-series statistic names, in column order, for these phases (no curvature)."""
     return ["mean", *phase_windows(phases), "final", "auc", "slope"]
 
@@ -87,7 +88,7 @@ def _horizons(last_step: np.ndarray, run_ids: pd.Index, horizon: str | int) -> n
 def features(
     runset: RunSet,
     *,
-    phases: tuple[float, ...] | Mapping[str, tuple[float, float]] = (1 / 3, 2 / 3),
+    phases: tuple[float, ...] | Mapping[str, tuple[float, float]] = DEFAULT_PHASES,
     names: Sequence[str] | None = None,
     target_directions: Mapping[str, Any] | None = None,
     score_ranges: Mapping[str, Any] | tuple[float, float] | str | None = None,
@@ -106,9 +107,12 @@ def features(
             ``{name: (lo, hi)}`` for custom windows.
         names: signals to summarise (default: every logged name). A requested name that no run
             logged gives NaN ``<name>/all/<stat>`` columns and a warning.
-        target_directions, score_ranges, score_metrics: passed to :func:`multitask_score` as
-            ``directions``, ``ranges``, ``metrics``. If the score cannot be formed (say a
-            lower-is-better metric without a range) the column is NaN and a warning says why.
+        target_directions, score_metrics: passed to :func:`multitask_score` as ``directions`` and
+            ``metrics``. score_ranges: declared ranges ``{task: {metric: [worst, best]}}`` (default:
+            what the runs declare in ``run.json`` ``meta["score_ranges"]``), or the older
+            ``ranges`` forms of :func:`multitask_score` (``(lo, hi)``, ``{"metric": (lo, hi)}``,
+            ``"observed"``). If the score cannot be formed (say a lower-is-better metric without
+            a range) the column is NaN and a warning says why.
         horizon: ``"run"``, ``"max"`` or a step count (see the module docstring).
         curvature_names: signals that also get loss-curve curvature statistics (per task and global).
         curvature_bandwidth: kernel half-width in steps, the same for every run so that runs are
@@ -227,7 +231,14 @@ def features(
         out[tag] = runs[tag].to_numpy()
     out["n_steps"] = np.nan_to_num(last_step, nan=0.0).astype(np.int64)  # 0 = nothing logged, as load_runs
     score_frame, score_cols = _score_columns(runset.scores, run_ids)
-    mts = _multitask(runset.scores, run_ids, target_directions, score_ranges, score_metrics)
+    if score_ranges is None:
+        declared = declared_score_ranges(runset) if runset.scores is not None and len(runset.scores) else {}
+        ranges, score_ranges = None, (declared or None)
+    elif is_declared_format(score_ranges):
+        ranges = None
+    else:
+        ranges, score_ranges = score_ranges, None
+    mts = _multitask(runset.scores, run_ids, target_directions, ranges, score_metrics, score_ranges)
     out = pd.concat([out, feat_frame, score_frame, mts.to_frame()], axis=1)
     out.index.name = None
     out.attrs["feature_columns"] = columns
@@ -320,15 +331,23 @@ def _score_columns(scores: pd.DataFrame, run_ids: pd.Index) -> tuple[pd.DataFram
 
 
 def _multitask(
-    scores: pd.DataFrame, run_ids: pd.Index, directions: Any, ranges: Any, metrics: Any
+    scores: pd.DataFrame, run_ids: pd.Index, directions: Any, ranges: Any, metrics: Any, declared: Any = None
 ) -> pd.Series:
     empty = pd.Series(np.nan, index=run_ids, name="multitask_score")
     if scores is None or scores.empty:
         return empty
     try:
-        s = multitask_score(scores, directions=directions, ranges=ranges, metrics=metrics)
+        s = multitask_score(
+            scores, directions=directions, ranges=ranges, metrics=metrics, score_ranges=declared
+        )
     except ValueError as err:
-        warnings.warn(f"multitask_score is NaN: {err}", stacklevel=3)
+        overall = sorted(set(scores.loc[scores["task"] == "", "metric"].astype(str)))
+        hint = (
+            f" The runs store run-level scores {['score/all/' + m for m in overall]}: use one as the target."
+            if overall
+            else ""
+        )
+        warnings.warn(f"multitask_score is NaN: {err}.{hint}", stacklevel=3)
         return empty
     s = s.reindex(run_ids)
     s.name = "multitask_score"

@@ -84,7 +84,7 @@ def forecast(
     *,
     target: str = "multitask_score",
     fractions: Sequence[float] = (0.1, 0.25, 0.5),
-    group: str | None = "model",
+    group: str | None = None,
     features: str | Sequence[str] | None = None,
     names: Sequence[str] | None = None,
     stats_used: Sequence[str] = DEFAULT_STATS,
@@ -98,7 +98,8 @@ def forecast(
         runset: the runs (a :class:`dynamics.store.reader.RunSet`), finished, with scores.
         target: the score column of :func:`features` to predict (default ``multitask_score``).
         fractions: parts of training to look at, each in ``(0, 1]``.
-        group: the tag whose values are left out one at a time (``None``: leave one run out).
+        group: the tag whose values are left out one at a time, e.g. ``"model"`` (default ``None``:
+            leave one run out).
         features: predictor columns or glob patterns of the early features frame; default: the
             ``stats_used`` statistics of every signal's overall series (``<name>/all/<stat>``).
         names: signals to summarise (default: all).

@@ -20,6 +20,15 @@ Two conventions, both common:
   over all ``K`` task metrics, with ``s_k = +1`` if higher is better and ``-1`` otherwise. Positive
   means better than the baseline on average, in percent.
 
+Declared ranges (``run.json``'s ``meta["score_ranges"]``, written by ``RunWriter(meta=...)`` or
+``attach(..., meta=...)``) have the form ``{"<task>": {"<metric>": [worst, best]}}`` and map a value
+to ``clip((v - worst) / (best - worst), 0, 1)``, so ``[2.0, 0.0]`` declares a lower-is-better metric
+on ``[0, 2]`` (an MAE whose natural range is 2) and ``[0, 1]`` an accuracy. A task with declared
+ranges is scored by exactly its declared metrics (its other metrics stay in the score columns but
+do not enter the average); a task without one by every metric it logged, as above. This is the one
+definition of the overall score: a run that stores its own run-level score can declare its
+per-task metrics and get the same number here.
+
 Whether a metric is lower-is-better is read from ``directions`` (keys ``"task/metric"`` or
 ``"metric"``, values ``"higher"``/``"lower"`` or ``+1``/``-1``), and otherwise guessed from its name:
 :data:`LOWER_IS_BETTER` names and names ending in ``loss`` or ``error`` are lower-is-better,
@@ -28,14 +37,27 @@ everything else higher-is-better.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["multitask_score", "delta_m", "metric_direction", "LOWER_IS_BETTER", "scores_long"]
+__all__ = [
+    "multitask_score",
+    "delta_m",
+    "metric_direction",
+    "LOWER_IS_BETTER",
+    "scores_long",
+    "declared_score_ranges",
+    "SCORE_RANGES_KEY",
+]
+
+SCORE_RANGES_KEY = "score_ranges"
+"""The ``run.json`` ``meta`` key of declared per-task score ranges (see the module docstring)."""
 
 LOWER_IS_BETTER = frozenset(
     {"loss", "nll", "error", "err", "wer", "cer", "ter", "mae", "mse", "rmse", "perplexity", "ppl", "fid"}
@@ -71,6 +93,74 @@ def metric_direction(metric: str, task: str = "", directions: Mapping[str, Any] 
     if name in LOWER_IS_BETTER or name.endswith(("loss", "error")):
         return -1
     return 1
+
+
+def _check_declared(ranges: Mapping[str, Any], where: str) -> dict[str, dict[str, tuple[float, float]]]:
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    if not isinstance(ranges, Mapping):
+        raise ValueError(f"{where}: score_ranges must be {{task: {{metric: [worst, best]}}}}, got {ranges!r}")
+    for task, metrics in ranges.items():
+        if not isinstance(metrics, Mapping):
+            raise ValueError(
+                f"{where}: score_ranges[{task!r}] must map metric names to [worst, best], got {metrics!r}"
+            )
+        for metric, pair in metrics.items():
+            try:
+                worst, best = (float(v) for v in pair)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"{where}: score_ranges[{task!r}][{metric!r}] must be [worst, best], got {pair!r}"
+                ) from None
+            if worst == best:
+                raise ValueError(f"{where}: score_ranges[{task!r}][{metric!r}] has worst == best ({worst})")
+            out.setdefault(str(task), {})[str(metric)] = (worst, best)
+    return out
+
+
+def is_declared_format(ranges: Any) -> bool:
+    """True for ``{task: {metric: [worst, best]}}`` (the metadata format), False for ``ranges``."""
+    return (
+        isinstance(ranges, Mapping) and bool(ranges) and all(isinstance(v, Mapping) for v in ranges.values())
+    )
+
+
+def declared_score_ranges(runset: Any) -> dict[str, dict[str, tuple[float, float]]]:
+    """The score ranges the runs declare in ``run.json`` ``meta["score_ranges"]`` (merged over runs).
+
+    Read from each run's ``run.json`` (``runs["path"]``), or from a ``meta`` / ``score_ranges`` column of
+    ``runs`` for run sets built in memory. Runs declaring different ranges for the same metric get a
+    warning and the first run's range (scores on different scales are not comparable).
+    """
+    runs = runset.runs
+    merged: dict[str, dict[str, tuple[float, float]]] = {}
+    conflicts: set[str] = set()
+    for _, run in runs.iterrows():
+        declared = None
+        if SCORE_RANGES_KEY in runs.columns and isinstance(run[SCORE_RANGES_KEY], Mapping):
+            declared = run[SCORE_RANGES_KEY]
+        elif "meta" in runs.columns and isinstance(run["meta"], Mapping):
+            declared = run["meta"].get(SCORE_RANGES_KEY)
+        elif "path" in runs.columns and isinstance(run["path"], str) and run["path"]:
+            info_path = Path(run["path"]) / "run.json"
+            if info_path.is_file():
+                try:
+                    info = json.loads(info_path.read_text())
+                except (OSError, ValueError):
+                    info = {}
+                declared = (info.get("meta") or {}).get(SCORE_RANGES_KEY)
+        if not declared:
+            continue
+        for task, metrics in _check_declared(declared, f"run {run['run_id']}").items():
+            for metric, pair in metrics.items():
+                have = merged.setdefault(task, {}).setdefault(metric, pair)
+                if have != pair:
+                    conflicts.add(f"{task}/{metric}")
+    if conflicts:
+        warnings.warn(
+            f"runs declare different score ranges for {sorted(conflicts)}; the first run's are used",
+            stacklevel=2,
+        )
+    return merged
 
 
 def scores_long(scores: pd.DataFrame) -> pd.DataFrame:
@@ -117,6 +207,7 @@ def multitask_score(
     ranges: Mapping[str, Any] | tuple[float, float] | str | None = None,
     metrics: str | Sequence[str] | None = None,
     missing: str = "nan",
+    score_ranges: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pd.Series:
     """The multi-task score of each run: normalised per-task metrics averaged over tasks.
 
@@ -135,6 +226,9 @@ def multitask_score(
         metrics: only these metric names (default: every metric logged).
         missing: ``"nan"`` (default): a run lacking any task metric that other runs have gets NaN;
             ``"mean"``: average whatever it has.
+        score_ranges: declared ranges ``{task: {metric: [worst, best]}}`` (the ``run.json`` metadata
+            format, see the module docstring; :func:`declared_score_ranges` reads them from runs).
+            A declared task is scored by its declared metrics only; they win over ``ranges``.
 
     Returns:
         A Series named ``multitask_score`` indexed by run id.
@@ -164,10 +258,23 @@ def multitask_score(
     run_order = pd.unique(scores_long(scores)["run_id"])
     if long.empty:
         return pd.Series(np.nan, index=pd.Index(run_order, name="run_id"), name="multitask_score")
+    declared = _check_declared(score_ranges, "multitask_score") if score_ranges else {}
+    if declared:
+        keep = [
+            (t not in declared) or (m in declared[t])
+            for t, m in zip(long["task"].astype(str), long["metric"].astype(str), strict=True)
+        ]
+        long = long[np.asarray(keep, dtype=bool)]
+        if long.empty:
+            return pd.Series(np.nan, index=pd.Index(run_order, name="run_id"), name="multitask_score")
     table = long.pivot_table(index="run_id", columns=["task", "metric"], values="value", aggfunc="mean")
     normalised = {}
     for task, metric in table.columns:
         v = table[(task, metric)].astype(float)
+        if task in declared:
+            worst, best = declared[task][metric]
+            normalised[(task, metric)] = ((v - worst) / (best - worst)).clip(0.0, 1.0)
+            continue
         sign = metric_direction(metric, task, directions)
         rng = _lookup(ranges, task, metric) if isinstance(ranges, Mapping) else ranges
         if isinstance(rng, str):
@@ -185,7 +292,9 @@ def multitask_score(
             if sign < 0:
                 raise ValueError(
                     f"{task}/{metric} is lower-is-better and has no range, so it cannot be averaged with "
-                    f"other metrics; pass ranges={{'{metric}': (lo, hi)}} or ranges='observed', declare "
+                    f"other metrics; declare it in the runs' metadata (RunWriter(meta={{'score_ranges': "
+                    f"{{'{task}': {{'{metric}': [worst, best]}}}}}})), pass score_ranges= or "
+                    f"ranges={{'{metric}': (lo, hi)}} or ranges='observed', declare "
                     f"directions={{'{metric}': 'higher'}} if that is wrong, or leave it out with metrics=[...]"
                 )
             normalised[(task, metric)] = v
@@ -207,7 +316,7 @@ def multitask_score(
 def delta_m(
     feats: pd.DataFrame,
     *,
-    by: str = "construction",
+    by: str,
     baseline: Any,
     pair_on: str | Sequence[str] | None = None,
     directions: Mapping[str, Any] | None = None,

@@ -23,9 +23,28 @@ import numpy as np
 
 from dynamics.analysis.loss_curvature import curvature_on_grid
 
-__all__ = ["SortedSeries", "sort_series", "basic_summaries", "curvature_summaries", "phase_windows"]
+__all__ = [
+    "SortedSeries",
+    "sort_series",
+    "basic_summaries",
+    "curvature_summaries",
+    "phase_windows",
+    "phase_of",
+    "DEFAULT_PHASES",
+]
 
 BASIC_STATS = ("mean", "final", "auc", "slope")
+DEFAULT_PHASES = (1 / 3, 2 / 3)
+"""early = (0, 1/3], middle = (1/3, 2/3], late = (2/3, 1] of the horizon: the one phase rule."""
+
+
+def phase_of(frac: np.ndarray, bounds: tuple[float, ...] = DEFAULT_PHASES) -> np.ndarray:
+    """Phase index of each point at fraction ``frac`` of its horizon for contiguous ``bounds``.
+
+    The rule of :func:`phase_windows`: a point at exactly a boundary belongs to the phase that ends
+    there (``frac = 1/3`` is early), ``frac <= 0`` is the first phase, ``frac > 1`` the last.
+    """
+    return np.searchsorted(np.asarray(bounds, float), np.asarray(frac, float), side="left")
 
 
 @dataclass
@@ -124,8 +143,8 @@ def _phase_means(
         # Points outside every window go to an extra slot per series (no masked copies of the data).
         slots = n_win + 1
         flat = series * slots + np.where(idx >= 0, idx, n_win)
-        n = np.bincount(flat, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
-        tot = np.bincount(flat, y, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
+        n: np.ndarray = np.bincount(flat, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
+        tot: np.ndarray = np.bincount(flat, y, minlength=n_series * slots).reshape(n_series, slots)[:, :n_win]
     else:
         n = np.zeros((n_series, n_win))
         tot = np.zeros((n_series, n_win))
@@ -157,7 +176,7 @@ def basic_summaries(ss: SortedSeries, horizon: np.ndarray, windows: Mapping) -> 
         final[s[last]] = y[last]
         same = s[1:] == s[:-1]
         trap = np.where(same, np.diff(x) * (y[1:] + y[:-1]) * 0.5, 0.0)
-        auc = np.bincount(s[:-1], trap, minlength=m)
+        auc: np.ndarray = np.bincount(s[:-1], trap, minlength=m)
     else:
         auc = np.zeros(m)
     auc = np.where(n >= 2, auc, np.nan)

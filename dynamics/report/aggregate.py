@@ -8,14 +8,17 @@ run's values are first averaged within a bin (so a run logging every step and on
 tenth step weigh the same), then, per group and bin, over runs:
 ``mean = (1/n) sum_r x_r`` and ``sd = sqrt(sum_r (x_r - mean)^2 / (n - 1))`` (NaN for one run).
 
-Phases. A row at step s of a run with n_steps S lies in phase ``early`` if s/S < 1/3, ``middle``
-if s/S < 2/3, else ``late``; each run is averaged within a phase, then runs are averaged.
+Phases. The statistics layer's rule (:func:`dynamics.analysis.series.phase_of`): a row at step s
+of a run with n_steps S lies in phase ``early`` if s/S <= 1/3, ``middle`` if s/S <= 2/3, else
+``late``; each run is averaged within a phase, then runs are averaged.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+from dynamics.analysis.series import DEFAULT_PHASES, phase_of
 
 __all__ = ["binned_curves", "phase_means", "PHASE_NAMES", "LOSS_BINS", "PROBE_BINS"]
 
@@ -64,7 +67,7 @@ def binned_curves(
 
 
 def phase_means(
-    rows: pd.DataFrame, n_steps: pd.Series, *, by: tuple[str, ...] = ("task", "task_b"), phases=(1 / 3, 2 / 3)
+    rows: pd.DataFrame, n_steps: pd.Series, *, by: tuple[str, ...] = ("task", "task_b"), phases=DEFAULT_PHASES
 ) -> pd.DataFrame:
     """Per (group, phase, *by): ``value`` = mean over runs of each run's phase mean; ``n_runs``.
 
@@ -76,7 +79,7 @@ def phase_means(
         return pd.DataFrame(columns=cols)
     total = rows["run_id"].map(n_steps).to_numpy(dtype=float)
     frac = rows["step"].to_numpy() / np.where(total > 0, total, 1.0)
-    code = np.searchsorted(np.asarray(phases), frac, side="right")
+    code = phase_of(frac, tuple(phases))
     phase = pd.Categorical.from_codes(np.minimum(code, 2), categories=list(PHASE_NAMES))
     frame = rows[["run_id", "group", *by, "value"]].assign(phase=phase)
     per_run = frame.groupby(["run_id", "group", "phase", *by], observed=True)["value"].mean().reset_index()

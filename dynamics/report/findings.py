@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dynamics.report.context import PRIMARY_SIGNALS, ReportContext
+from dynamics.analysis.attainable import Attainability, attainability
+from dynamics.report.context import ALPHA, ReportContext
 from dynamics.report.style import fmt, fmt_p
-from dynamics.report.tables import ALPHA, sorted_comparison, sorted_correlation, test_name
+from dynamics.report.tables import signal_features, sorted_comparison, sorted_correlation, test_name
 
 __all__ = [
     "findings",
@@ -19,12 +20,12 @@ __all__ = [
     "correlation_sentence",
     "forecast_sentence",
     "best_forecast_row",
+    "verdict",
+    "test_suffix",
+    "comparison_power",
+    "correlation_power",
 ]
 
-# The IMAX paper's two signals: lower SE and higher rho go with the better construction.
-PAPER_SIGNALS = dict(
-    zip(PRIMARY_SIGNALS, ("Fisher spectral entropy SE", "Fisher dominant ratio rho"), strict=True)
-)
 MAX_PAIRS = 3
 
 
@@ -34,27 +35,57 @@ def _n_text(row: pd.Series) -> str:
     return f"n = {int(row['n_a'])} vs {int(row['n_b'])} runs"
 
 
+def verdict(p_holm: float, *, alpha: float = ALPHA) -> str:
+    """How a Holm-adjusted p reads: significant, not significant, or not tested."""
+    if pd.isna(p_holm):
+        return "not tested"
+    return "significant" if p_holm < alpha else "not significant"
+
+
+def test_suffix(ctx: ReportContext, feature: str) -> str:
+    """`` (difference: p_holm = .., not significant)`` for a feature of the group comparison, the
+    pre-specified family first; ``" (descriptive, not tested)"`` when the feature was not compared."""
+    for stat in (ctx.primary, ctx.comparison):
+        if stat.ok:
+            rows = stat.frame[stat.frame["feature"] == feature]
+            if len(rows):
+                row = rows.sort_values("p_holm", na_position="last").iloc[0]
+                if pd.isna(row["p_holm"]):
+                    return f" (difference not tested: {row['note'] or 'too few runs'})"
+                return f" (difference: p_holm = {fmt_p(row['p_holm'])}, {verdict(row['p_holm'])})"
+    return " (descriptive, not tested)"
+
+
 def comparison_sentence(row: pd.Series, label: str | None = None, *, family: str = "") -> str:
-    """``label: B mean_b vs A mean_a (difference diff, 95% CI lo to hi; test, n; p_holm = p[, family]).``
+    """``label: observed B mean_b vs A mean_a (difference diff, 95% CI lo to hi; test, n; p = p,
+    p_holm = p[, family]): verdict.``
 
     The statistics layer's ``diff`` is ``b - a``, so group b is named first; ``family`` says over
-    which tests ``p_holm`` was corrected.
+    which tests ``p_holm`` was corrected; ``p`` is the exact p where the sample is small.
     """
     label = label or str(row["feature"])
-    p = f"p_holm = {fmt_p(row['p_holm'])}" + (f", {family}" if family else "")
+    p = f"p = {fmt_p(row['p_value'])}, p_holm = {fmt_p(row['p_holm'])}" + (f", {family}" if family else "")
+    if pd.isna(row["diff_ci_low"]) or pd.isna(row["diff_ci_high"]):
+        ci = "no CI with this few pairs"
+    else:
+        ci = f"95% CI {fmt(row['diff_ci_low'])} to {fmt(row['diff_ci_high'])}"
     return (
-        f"{label}: {row['group_b']} {fmt(row['mean_b'])} vs {row['group_a']} {fmt(row['mean_a'])} "
-        f"(difference {fmt(row['diff'])}, 95% CI {fmt(row['diff_ci_low'])} to {fmt(row['diff_ci_high'])}; "
-        f"{test_name(row['test'])}, {_n_text(row)}; {p})."
+        f"{label}: observed {row['group_b']} {fmt(row['mean_b'])} vs {row['group_a']} {fmt(row['mean_a'])} "
+        f"(difference {fmt(row['diff'])}, {ci}; "
+        f"{test_name(row['test'])}, {_n_text(row)}; {p}): {verdict(row['p_holm'])}."
     )
 
 
-def correlation_sentence(row: pd.Series, target: str) -> str:
-    """``feature tracks target: Spearman r = r (95% CI lo to hi; n = n; p_holm = p).``"""
+def correlation_sentence(row: pd.Series, target: str, *, by: str | None = None) -> str:
+    """``feature and target: observed Spearman r = r (95% CI lo to hi; n = n; p = p, p_holm = p)
+    [; within each by: r = .., p = ..]: verdict.``"""
+    within = ""
+    if by is not None and "partial_r" in row and pd.notna(row["partial_r"]):
+        within = f"; within each {by}: r = {fmt(row['partial_r'], 2)}, p = {fmt_p(row['partial_p'])}"
     return (
-        f"{row['feature']} goes with {target}: Spearman r = {fmt(row['r'], 2)} "
+        f"Strongest observed association, {row['feature']} with {target}: Spearman r = {fmt(row['r'], 2)} "
         f"(95% CI {fmt(row['ci_low'], 2)} to {fmt(row['ci_high'], 2)}; n = {int(row['n'])}; "
-        f"p_holm = {fmt_p(row['p_holm'])})."
+        f"p = {fmt_p(row['p_value'])}, p_holm = {fmt_p(row['p_holm'])}{within}): {verdict(row['p_holm'])}."
     )
 
 
@@ -83,9 +114,13 @@ def forecast_sentence(frame: pd.DataFrame, target: str) -> str:
         f"MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])} for the baseline; n = {int(row['n_runs'])} runs"
     )
     if beats:
-        return f"From the first {pct} of training, {target} is forecast better than the baseline ({numbers})."
+        return (
+            f"Observed: from the first {pct} of training, the out-of-sample forecast of {target} has a lower "
+            f"error than the baseline ({numbers}; descriptive, not a test)."
+        )
     return (
-        f"Up to the first {pct} of training, the forecast of {target} does not beat the baseline ({numbers})."
+        f"Observed: up to the first {pct} of training, the forecast of {target} does not beat the baseline "
+        f"({numbers})."
     )
 
 
@@ -93,6 +128,23 @@ def _pairs_shown(frame: pd.DataFrame) -> pd.DataFrame:
     pairs = frame[["group_a", "group_b"]].drop_duplicates().head(MAX_PAIRS)
     keep = set(map(tuple, pairs.to_numpy()))
     return frame[[(a, b) in keep for a, b in zip(frame["group_a"], frame["group_b"], strict=True)]]
+
+
+def comparison_power(ctx: ReportContext, *, exploratory: bool = True) -> Attainability | None:
+    """Can any comparison of the report's exploratory (or pre-specified) family be significant?"""
+    stat = ctx.comparison if exploratory else ctx.primary
+    if not stat.ok:
+        return None
+    frame = signal_features(ctx, stat.frame) if exploratory else stat.frame
+    return attainability(frame, alpha=ALPHA) if not frame.empty else None
+
+
+def correlation_power(ctx: ReportContext) -> Attainability | None:
+    """Can any correlation of the report's family be significant?"""
+    if not ctx.correlation.ok:
+        return None
+    frame = signal_features(ctx, ctx.correlation.frame)
+    return attainability(frame, alpha=ALPHA) if not frame.empty else None
 
 
 def _comparison_findings(ctx: ReportContext) -> list[str]:
@@ -104,16 +156,20 @@ def _comparison_findings(ctx: ReportContext) -> list[str]:
         family = f"Holm over the {k} pre-specified tests" if k > 1 else ""
         for _, row in rows[rows["feature"] == ctx.target].iterrows():
             out.append(comparison_sentence(row, f"Final score {ctx.target}", family=family))
-        for feature, label in PAPER_SIGNALS.items():
+        for feature in ctx.primary_features:
             for _, row in rows[rows["feature"] == feature].iterrows():
-                out.append(comparison_sentence(row, f"{label} ({feature})", family=family))
+                out.append(comparison_sentence(row, feature, family=family))
                 mentioned.add(feature)
+        power = comparison_power(ctx, exploratory=False)
+        if power is not None and not power.possible:
+            out.append("Pre-specified tests: " + power.sentence)
     if not ctx.comparison.ok:
         return out
     signals = sorted_comparison(ctx, exploratory_only=True)
     n_tested = signals["feature"].nunique()
     significant = signals[signals["p_holm"] < ALPHA]
     others = significant[~significant["feature"].isin(mentioned)]
+    power = comparison_power(ctx)
     if not significant.empty:
         out.append(
             f"{significant['feature'].nunique()} of {n_tested} training-signal features differ between "
@@ -132,6 +188,8 @@ def _comparison_findings(ctx: ReportContext) -> list[str]:
             f"No training-signal feature differs between {ctx.group} groups after Holm correction "
             f"({n_tested} tested; smallest p_holm = {fmt_p(top['p_holm'])}, {top['feature']})."
         )
+    if power is not None and not power.possible:
+        out.append("Training-signal comparisons: " + power.sentence)
     return out
 
 
@@ -146,18 +204,25 @@ def _correlation_findings(ctx: ReportContext) -> list[str]:
     if ranked.empty:
         return []
     n_sig = int((ranked["p_holm"] < ALPHA).sum())
-    out = [correlation_sentence(ranked.iloc[0], ctx.target)]
+    by = ctx.group if "partial_r" in ranked.columns else None
+    out = [correlation_sentence(ranked.iloc[0], ctx.target, by=by)]
     out.append(
         f"{n_sig} of {ranked['feature'].nunique()} features correlate with {ctx.target} after Holm correction "
         f"(p_holm < {ALPHA})."
     )
+    power = correlation_power(ctx)
+    if power is not None and not power.possible:
+        out.append("Correlations: " + power.sentence)
     return out
 
 
 def findings(ctx: ReportContext) -> list[str]:
     """The key findings, in order: group comparison, correlation with the target, early forecast.
 
-    A statistic that is missing contributes its reason instead of a number.
+    Each sentence reports what was observed with its uncertainty and ends with its verdict after
+    correction; when the sample cannot reach significance at all, a sentence says so and how many
+    runs would be needed (:func:`dynamics.analysis.attainability`). A statistic that is missing
+    contributes its reason instead of a number.
     """
     out: list[str] = []
     if ctx.comparison.ok or ctx.primary.ok:

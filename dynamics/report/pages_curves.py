@@ -11,22 +11,20 @@ from matplotlib.figure import Figure
 from dynamics.report.aggregate import PROBE_BINS, binned_curves
 from dynamics.report.context import ReportContext
 from dynamics.report.page import NoData, Page
-from dynamics.report.style import fmt, new_page, page_legend, page_note, page_title
+from dynamics.report.style import fmt, page_legend, page_note, page_title
 
 __all__ = ["LOSS", "GRAD_NORM", "draw_band", "group_legend"]
 
-TASKS_PER_PAGE = 8
-_TAIL = 0.1  # "final" on a curve page = the mean of the last 10% of its bins
-
 
 def draw_band(ax, curve: pd.DataFrame, color, label: str | None = None) -> None:
-    """A mean line with a +-1 sd band (no band where only one run contributes)."""
-    x = curve["step"].to_numpy(dtype=float)
-    mean = curve["mean"].to_numpy(dtype=float)
-    sd = np.nan_to_num(curve["sd"].to_numpy(dtype=float))
-    ax.plot(x, mean, color=color, label=label)
-    if np.any(sd > 0):
-        ax.fill_between(x, mean - sd, mean + sd, color=color, alpha=0.2, linewidth=0)
+    """:func:`dynamics.plot.draw_band` (imported on use: dynamics.plot imports the report package)."""
+    from dynamics.plot import draw_band as draw
+
+    draw(ax, curve, color, label)
+
+
+TASKS_PER_PAGE = 8
+_TAIL = 0.1  # "final" on a curve page = the mean of the last 10% of its bins
 
 
 def group_legend(fig: Figure, ctx: ReportContext) -> None:
@@ -59,7 +57,7 @@ def _final_by_group(curves: pd.DataFrame) -> pd.DataFrame:
 
 def _facet_pages(
     ctx: ReportContext,
-    curves: pd.DataFrame,
+    name: str,
     tasks: list[str],
     *,
     title: str,
@@ -67,24 +65,12 @@ def _facet_pages(
     ylabel: str,
     note: str,
 ) -> list[Figure]:
+    from dynamics.plot import task_curves
+
     figs = []
     chunks = [tasks[i : i + TASKS_PER_PAGE] for i in range(0, len(tasks), TASKS_PER_PAGE)]
     for page_no, chunk in enumerate(chunks):
-        ncols = min(4, len(chunk))
-        nrows = math.ceil(len(chunk) / ncols)
-        fig, axes = new_page(nrows, ncols, sharex=True)
-        for ax, task in zip(axes.flat, chunk, strict=False):
-            sub = curves[curves["task"] == task]
-            for g in ctx.groups:
-                c = sub[sub["group"] == g]
-                if not c.empty:
-                    draw_band(ax, c, ctx.palette[g])
-            ax.set_title(task, fontweight="bold")
-            ax.set_xlabel("step")
-        for ax in axes[:, 0]:
-            ax.set_ylabel(ylabel)
-        for ax in list(axes.flat)[len(chunk) :]:
-            ax.set_visible(False)
+        fig = task_curves(ctx, name, tasks=chunk, ylabel=ylabel)
         suffix = f" ({page_no + 1}/{len(chunks)})" if len(chunks) > 1 else ""
         page_title(fig, title + suffix, subtitle)
         group_legend(fig, ctx)
@@ -125,14 +111,17 @@ def build_loss(ctx: ReportContext) -> list[Figure]:
         best = finals.loc[finals.groupby("task")["final"].idxmin()]
         wins = best["group"].value_counts()
         leader = wins.index[0]
-        title = f"{leader} ends with the lowest loss on {wins.iloc[0]} of {len(tasks)} tasks"
+        title = (
+            f"Observed: {leader} ends with the lowest mean loss on {wins.iloc[0]} of {len(tasks)} tasks "
+            "(descriptive, not tested)"
+        )
     else:
         first = curves.sort_values("step").groupby("task")["mean"].first()
         drop = 1 - finals.set_index("task")["final"] / first
         title = f"Training loss falls by {fmt(100 * drop.mean(), 2)}% on average over {len(tasks)} task(s)"
     return _facet_pages(
         ctx,
-        curves,
+        "loss",
         tasks,
         title=title,
         subtitle="Per-task training loss over steps" + (f", by {ctx.group}" if ctx.group else ""),
@@ -158,7 +147,7 @@ def build_grad_norm(ctx: ReportContext) -> list[Figure]:
         title = "Task gradient norm over training"
     return _facet_pages(
         ctx,
-        curves,
+        "grad_norm",
         tasks,
         title=title,
         subtitle="Norm of each task's gradient on the probe batch, over steps",

@@ -147,25 +147,30 @@ def build_overview(
     )
     fig.add_artist(_rule(fig, 0.875))
 
-    # Left column: runs and setup.
-    fig.text(0.03, 0.85, "Runs", fontsize=14, fontweight="bold", va="top")
+    bottom = 0.2 if skipped else 0.03
+    # Left column: the lead figure (score per group and pair, and the signal that best separates
+    # the groups), then the runs and the setup; right column: the findings in words.
+    y = 0.85
+    if _lead_figure(fig, ctx, top=0.85, bottom=0.50):
+        y = 0.45
+    fig.text(0.03, y, "Runs", fontsize=13, fontweight="bold", va="top")
     table = runs_table(ctx)
     n = len(table) + 1
-    height = min(0.045 * n, 0.3)
-    ax = fig.add_axes((0.03, 0.80 - height, 0.43, height))
-    draw_table(ax, table, fontsize=9)
+    height = min(0.04 * n, 0.3 if y > 0.8 else 0.12)
+    ax = fig.add_axes((0.03, y - 0.04 - height, 0.43, height))
+    draw_table(ax, table, fontsize=8.5)
     for cell in ax.tables[0].get_celld().values():
         cell.set_height(1.0 / n)
-    y = 0.80 - height - 0.04
-    fig.text(0.03, y, "Setup", fontsize=14, fontweight="bold", va="top")
+    y = y - 0.04 - height - 0.03
+    fig.text(0.03, y, "Setup", fontsize=13, fontweight="bold", va="top")
     setup = setup_lines(ctx)
-    size, width = _fit(setup, y - 0.25, 5.0, 10)
-    _wrapped_block(fig, 0.03, y - 0.045, setup, width=width, size=size, bullet="", color="#222222")
+    size, width = _fit(setup, y - 0.04 - bottom, 5.0, 10, min_size=6, gap=0.2)
+    _wrapped_block(fig, 0.03, y - 0.035, setup, width=width, size=size, bullet="", color="#222222", gap=0.2)
 
     # Right column: key findings.
     fig.text(0.50, 0.85, "Key findings", fontsize=14, fontweight="bold", va="top")
     items = findings or ["No statistical findings: see the notes below for why."]
-    size, width = _fit(items, 0.59, 5.6, 11)
+    size, width = _fit(items, 0.80 - bottom - 0.01, 5.6, 11, min_size=6)
     _wrapped_block(fig, 0.50, 0.80, items, width=width, size=size, bullet="• ", color="#111111")
 
     # Bottom band: what was left out and why.
@@ -178,6 +183,51 @@ def build_overview(
             fig, 0.03, 0.155, notes, width=width, size=size, bullet="– ", color="#666666", gap=0.15
         )
     return fig
+
+
+def _separating_feature(ctx: ReportContext) -> str | None:
+    """The training signal whose group comparison has the smallest p (then the largest effect)."""
+    if not ctx.comparison.ok:
+        return None
+    from dynamics.report.tables import sorted_comparison
+
+    rows = sorted_comparison(ctx, exploratory_only=True)
+    rows = rows[rows["diff"].notna()]
+    if rows.empty:
+        return None
+    # Smallest p first; where p cannot rank (ties, untested), the difference in run-to-run sds.
+    feats = ctx.features.frame
+    spread = rows["feature"].map(lambda f: float(feats[f].std())) if len(rows) else rows["diff"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        standardised = (rows["diff"].abs() / spread).replace(np.inf, np.nan).fillna(0.0)
+    rows = rows.assign(_p=rows["p_value"].fillna(1.0), _s=-standardised).sort_values(["_p", "_s"])
+    return str(rows.iloc[0]["feature"])
+
+
+def _lead_figure(fig: Figure, ctx: ReportContext, *, top: float, bottom: float) -> bool:
+    """Two panels: the target per group (pairs joined) and the best-separating signal. False if
+    there is nothing to draw (no groups or no target values)."""
+    feats = ctx.features.frame if ctx.features.ok else None
+    if feats is None or ctx.group is None or len(ctx.groups) < 2:
+        return False
+    if ctx.target not in feats or feats[ctx.target].notna().sum() == 0:
+        return False
+    from dynamics.plot import score_by_group
+    from dynamics.report.findings import test_suffix
+
+    data = feats.assign(**{ctx.group: feats["run_id"].map(ctx.run_group)})
+    feature = _separating_feature(ctx)
+    panels = [(ctx.target, "final score")] + ([(feature, "best-separating signal")] if feature else [])
+    width = 0.43 / len(panels)
+    for i, (column, label) in enumerate(panels):
+        ax = fig.add_axes((0.03 + 0.045 + i * width, bottom + 0.07, width - 0.075, top - bottom - 0.12))
+        score_by_group(data, by=ctx.group, target=column, pair_on=ctx.pair, palette=ctx.palette, ax=ax)
+        ax.set_xlabel(ctx.group, fontsize=9)
+        ax.set_ylabel(textwrap.shorten(column, 34, placeholder="..."), fontsize=8.5)
+        ax.tick_params(labelsize=8)
+        verdict = test_suffix(ctx, column).strip(" ()")
+        ax.set_title(f"{label}\n{textwrap.shorten(verdict, 40, placeholder='...')}", fontsize=8.5)
+    return True
 
 
 def _rule(fig: Figure, y: float):

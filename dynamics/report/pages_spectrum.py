@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from matplotlib.figure import Figure
 
-from dynamics.report.aggregate import PROBE_BINS, binned_curves
 from dynamics.report.context import ReportContext
+from dynamics.report.findings import test_suffix
 from dynamics.report.page import NoData, Page
-from dynamics.report.pages_curves import draw_band, group_legend
-from dynamics.report.style import fmt, new_page, page_note, page_title
+from dynamics.report.pages_curves import group_legend
+from dynamics.report.style import fmt, page_note, page_title
 
 __all__ = ["FISHER"]
 
-_PANELS = (
+_PANELS = (  # the same panels as dynamics.plot.FISHER_PANELS
     ("fisher_se", "spectral entropy SE", "lower: gradient energy in fewer directions"),
     ("fisher_rho", "dominant eigenvalue ratio ρ", "higher: one direction dominates"),
 )
@@ -36,28 +36,23 @@ def build_fisher(ctx: ReportContext) -> list[Figure]:
 
     if len(ctx.groups) >= 2 and len(level) == 2:
         low_se, high_rho = level["fisher_se"].idxmin(), level["fisher_rho"].idxmax()
+        se_test = test_suffix(ctx, "fisher_se/all/mean")
         if low_se == high_rho:
-            title = f"{low_se} trains with the lowest spectral entropy and the highest ρ"
+            title = f"Observed: {low_se} has the lowest mean spectral entropy and the highest ρ{se_test}"
         else:
-            title = f"Lowest spectral entropy: {low_se}; highest ρ: {high_rho}"
+            title = f"Observed: lowest mean spectral entropy {low_se}, highest ρ {high_rho}{se_test}"
     elif len(ctx.groups) >= 2:
         name, label, _, _ = panels[0]
         best = level[name].idxmin() if name == "fisher_se" else level[name].idxmax()
-        title = f"{best} has the {'lowest' if name == 'fisher_se' else 'highest'} {label}"
+        which = "lowest" if name == "fisher_se" else "highest"
+        title = f"Observed: {best} has the {which} mean {label}{test_suffix(ctx, f'{name}/all/mean')}"
     else:
         parts = [f"{label.split()[-1]} averages {fmt(level[name].iloc[0])}" for name, label, _, _ in panels]
         title = "Fisher spectrum over training: " + ", ".join(parts)
 
-    fig, axes = new_page(1, len(panels))
-    for ax, (_, label, hint, rows) in zip(axes.flat, panels, strict=True):
-        curves = binned_curves(rows, n_bins=PROBE_BINS, by=())
-        for g in ctx.groups:
-            c = curves[curves["group"] == g]
-            if not c.empty:
-                draw_band(ax, c, ctx.palette[g])
-        ax.set_title(f"{label}\n({hint})", fontweight="bold")
-        ax.set_xlabel("step")
-        ax.set_ylabel(label)
+    from dynamics.plot import fisher_curves
+
+    fig = fisher_curves(ctx)
     page_title(
         fig,
         title,

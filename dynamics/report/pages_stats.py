@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 
-from dynamics.report.context import ReportContext
-from dynamics.report.findings import best_forecast_row
+from dynamics.report.context import ALPHA, ReportContext
+from dynamics.report.findings import best_forecast_row, comparison_power
 from dynamics.report.page import NoData, Page
-from dynamics.report.style import fmt, fmt_p, new_page, page_note, page_title
-from dynamics.report.tables import ALPHA, comparison_table, key_correlations, signal_features
+from dynamics.report.style import fmt, new_page, page_note, page_title
+from dynamics.report.tables import comparison_table, key_correlations, signal_features
 
 __all__ = ["COMPARISON", "CORRELATION", "FORECAST", "draw_table"]
 
 _SIG_COLOR = "#e3f2e1"
 _HEADER_COLOR = "#eaeaf2"
+
+
+_MAX_CELL = 44
+
+
+def _middle_ellipsis(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    keep = limit - 3
+    return text[: keep - keep // 2] + "..." + text[-(keep // 2) :]
 
 
 def draw_table(
@@ -37,6 +45,13 @@ def draw_table(
     if frame.empty:
         return
     cells = frame.astype(str).to_numpy().tolist()
+    for row in cells:  # long feature names keep their head and tail: "grad_cosine/a...|b/mean"
+        row[0] = _middle_ellipsis(row[0], _MAX_CELL)
+    # Shrink the font until the estimated table width fits the axes (no text off the page).
+    widths = [max(len(str(h)), *(len(r[c]) for r in cells)) + 2 for c, h in enumerate(frame.columns)]
+    fig_width = ax.figure.get_size_inches()[0] * ax.get_position().width
+    while fontsize > 5.5 and sum(widths) * fontsize * 0.6 / 72 > fig_width:
+        fontsize -= 0.5
     table = ax.table(cellText=cells, colLabels=list(frame.columns), loc="upper center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(fontsize)
@@ -72,6 +87,9 @@ def build_comparison(ctx: ReportContext) -> list[Figure]:
             else f"{ctx.group} groups"
         )
         title = f"{n_sig} of {n_tested} training signals differ between {between} after Holm correction"
+        power = comparison_power(ctx)
+        if power is not None and not power.possible:
+            title += f"; with {power.n} {power.unit} none can"
     else:
         title = f"Final score by {ctx.group} (no training-signal comparison: {ctx.comparison.note})"
     fig, axes = new_page(1, 1)
@@ -85,11 +103,15 @@ def build_comparison(ctx: ReportContext) -> list[Figure]:
         + f": {ctx.target} first, then the signals with the smallest Holm-adjusted p",
     )
     shown = int((table["feature"] != ctx.target).sum())
+    prespecified = ", ".join([ctx.target, *ctx.primary_features])
+    power = comparison_power(ctx)
     page_note(
         fig,
-        f"Green: p (Holm) < {ALPHA}. Bold rows: the pre-specified tests ({ctx.target}, Fisher SE and rho), "
+        f"Green: p (Holm) < {ALPHA}. Bold rows: the pre-specified tests ({prespecified}), "
         f"Holm-adjusted together; other rows: Holm-adjusted over all {n_tested} signal features (the exploratory family). "
-        f"diff: mean difference with its bootstrap 95% CI; Cohen's d: d_z for paired rows. Showing {shown} rows.",
+        f"p: exact for n <= 10; min p at n: the smallest p the test can reach with this sample. "
+        f"diff: mean difference with its bootstrap 95% CI; Cohen's d: d_z for paired rows (n/a below 4 pairs). "
+        f"Showing {shown} rows." + (f" {power.sentence}" if power is not None and not power.possible else ""),
     )
     return [fig]
 
@@ -103,37 +125,16 @@ def build_correlation(ctx: ReportContext) -> list[Figure]:
             "no feature has a defined correlation with the score: "
             + (_layer_note(ctx.correlation.frame) or "constant features or too few runs")
         )
-    feats = ctx.features.frame
-    group = (
-        feats["run_id"].map(ctx.run_group)
-        if "run_id" in feats
-        else pd.Series(ctx.groups[0], index=feats.index)
-    )
+    from dynamics.plot import feature_scatter
+
+    feats = ctx.features.frame.assign(_group=ctx.features.frame["run_id"].map(ctx.run_group))
     n = len(key)
     ncols = min(3, n)
     nrows = math.ceil(n / ncols)
     fig, axes = new_page(nrows, ncols)
     for ax, (_, row) in zip(axes.flat, key.iterrows(), strict=False):
-        feature = row["feature"]
-        data = pd.DataFrame({"x": feats[feature], "y": feats[ctx.target], "group": group}).dropna()
-        data = data[np.isfinite(data["x"]) & np.isfinite(data["y"])]
-        if data["x"].nunique() > 1:
-            sns.regplot(
-                data=data, x="x", y="y", ax=ax, scatter=False, ci=95, n_boot=400, seed=0,
-                color="#444444", line_kws={"lw": 1.5},
-            )  # fmt: skip
-        for g in ctx.groups:
-            sub = data[data["group"] == g]
-            if not sub.empty:
-                ax.scatter(
-                    sub["x"], sub["y"], s=36, color=ctx.palette[g], edgecolor="white", linewidth=0.5, zorder=3
-                )
-        ax.set_xlabel(feature)
-        ax.set_ylabel(ctx.target)
-        ax.set_title(
-            f"r = {fmt(row['r'], 2)} [{fmt(row['ci_low'], 2)}, {fmt(row['ci_high'], 2)}]\n"
-            f"p_holm = {fmt_p(row['p_holm'])}, n = {int(row['n'])}",
-            fontsize=10.5,
+        feature_scatter(
+            feats, row["feature"], target=ctx.target, by="_group", correlation=row, palette=ctx.palette, ax=ax
         )
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
@@ -143,7 +144,7 @@ def build_correlation(ctx: ReportContext) -> list[Figure]:
     else:
         title = (
             f"No training signal is associated with {ctx.target} after Holm correction "
-            f"(strongest: {top['feature']}, r = {fmt(top['r'], 2)})"
+            f"(strongest observed: {top['feature']}, r = {fmt(top['r'], 2)})"
         )
     page_title(fig, title, f"The strongest signal of each kind against the final score {ctx.target}")
     from dynamics.report.pages_curves import group_legend
@@ -151,7 +152,8 @@ def build_correlation(ctx: ReportContext) -> list[Figure]:
     group_legend(fig, ctx)
     page_note(
         fig,
-        "Panel titles: Spearman r with 95% CI and Holm-adjusted p from the statistics layer. "
+        "Panel titles: Spearman r with 95% CI (within: the correlation within each group), the exact p "
+        "for n <= 10 and the Holm-adjusted p, from the statistics layer. "
         "Line and band: least-squares fit with a bootstrap 95% confidence band (visual guide).",
     )
     return [fig]
@@ -167,35 +169,17 @@ def build_forecast(ctx: ReportContext) -> list[Figure]:
     pct = f"{100 * row['fraction']:g}%"
     if beats:
         title = (
-            f"From the first {pct} of training, {ctx.target} is forecast better than the baseline "
-            f"(MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])})"
+            f"Observed: from the first {pct} of training, {ctx.target} is forecast with a lower error than "
+            f"the baseline (MAE {fmt(row['mae'])} vs {fmt(row['baseline_mae'])}; {int(row['n_runs'])} runs)"
         )
     else:
         title = (
             f"Up to {pct} of training, early signals do not forecast {ctx.target} better than the baseline"
         )
-    x = 100 * f["fraction"].to_numpy(dtype=float)
-    labels = [f"{v:g}%" for v in x]
-    fig, axes = new_page(1, 2)
-    ax = axes[0, 0]
-    ax.plot(labels, f["spearman"], marker="o", lw=2, label="Spearman (forecast vs actual)", color="#0173b2")
-    ax.plot(labels, f["r2"], marker="s", lw=2, label="R² (out of sample)", color="#de8f05")
-    ax.axhline(0, color="#999999", lw=1)
-    ax.set_ylim(min(-0.1, float(np.nanmin(f[["spearman", "r2"]].to_numpy())) - 0.05), 1.02)
-    ax.set_xlabel("first part of training used")
-    ax.set_title("How well early signals rank and explain the final score", fontweight="bold")
-    ax.legend(loc="lower right", frameon=False)
-    ax = axes[0, 1]
-    pos = np.arange(len(labels))
-    ax.bar(pos - 0.2, f["mae"], width=0.4, color="#0173b2", label="forecast")
-    ax.bar(pos + 0.2, f["baseline_mae"], width=0.4, color="#bbbbbb", label="baseline")
-    ax.set_xticks(pos, labels)
-    ax.set_xlabel("first part of training used")
-    ax.set_ylabel(f"mean absolute error in {ctx.target}")
-    ax.set_title("Forecast error against the baseline", fontweight="bold")
-    top = float(np.nanmax(f[["mae", "baseline_mae"]].to_numpy()))
-    ax.set_ylim(0, 1.25 * top)  # headroom for the legend
-    ax.legend(frameon=False, loc="upper center", ncol=2)
+    from dynamics.plot import forecast_curves
+
+    fig = forecast_curves(f, target=ctx.target)
+    labels = [f"{v:g}%" for v in 100 * f["fraction"].to_numpy(dtype=float)]
     page_title(fig, title, f"Forecasting {ctx.target} from the signals of the first part of training")
     n_runs = ", ".join(f"{lab}: {_n(v)}" for lab, v in zip(labels, f["n_runs"], strict=True))
     page_note(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +19,13 @@ from matplotlib.backends.backend_pdf import PdfPages
 from matplotlib.figure import Figure
 
 from dynamics.report import pages_curves, pages_geometry, pages_spectrum, pages_stats
-from dynamics.report.context import ReportContext, build_context
+from dynamics.report.context import ReportContext, build_context, renamed
 from dynamics.report.findings import findings as make_findings
 from dynamics.report.page import NoData, Page
 from dynamics.report.pages_overview import build_overview
 from dynamics.report.progress import StepProgress
 from dynamics.report.style import apply_theme
+from dynamics.store.reader import RunSet
 
 __all__ = ["build_report", "render_pages", "ReportResult", "PAGES"]
 
@@ -98,42 +99,53 @@ def render_pages(
 def _output_path(out: str | os.PathLike[str]) -> Path:
     path = Path(out)
     if path.is_dir():
-        raise ValueError(f"-o {path} is a directory; give a file name such as {path / 'report.pdf'}")
+        raise ValueError(
+            f"out={str(path)!r} is a directory; give a file name such as {str(path / 'report.pdf')!r}"
+        )
     if path.suffix.lower() != ".pdf":
-        raise ValueError(f"-o {path} does not end in .pdf; the report is a PDF (e.g. report.pdf)")
+        raise ValueError(f"out={str(path)!r} does not end in .pdf; the report is a PDF (e.g. 'report.pdf')")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
 def build_report(
-    run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+    run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str] | RunSet | ReportContext,
     out: str | os.PathLike[str],
     *,
-    group: str | None = None,
-    pair: Iterable[str] | str | None = None,
+    by: str | None = None,
+    pair_on: Sequence[str] | str | None = None,
     target: str = "multitask_score",
+    primary: Iterable[str] = (),
     figures_dir: str | os.PathLike[str] | None = None,
     title: str | None = None,
     progress: bool = True,
+    group: str | None = None,
+    pair: Sequence[str] | str | None = None,
 ) -> ReportResult:
     """Write a multi-page PDF report for a set of runs.
 
     Args:
         run_dirs: run directories, folders of runs or globs, a RunSet, or a ReportContext from
             :func:`~dynamics.report.context.build_context` / an earlier ``ReportResult.context``
-            (its statistics are reused; ``group``, ``pair`` and ``target`` are then ignored).
+            (its statistics are reused; ``by``, ``pair_on``, ``target`` and ``primary`` are then ignored).
         out: the PDF to write (parent folders are created).
-        group: the tag whose groups are compared (default ``construction`` if it has two values).
-        pair: tags pairing runs across groups, list or ``"model,seed"`` (default: model, seed).
+        by: the tag whose groups are compared (default: the only varying tag that is not a
+            replicate tag such as model or seed; see :func:`~dynamics.report.context.build_context`).
+        pair_on: tags pairing runs across groups, list or ``"model,seed"`` (default: model, seed
+            where present).
         target: the final score to explain: ``multitask_score`` or ``score/<task>/<metric>``.
+        primary: pre-specified features tested with the target as their own Holm family.
         figures_dir: also write each page as PNG (150 dpi) and SVG there.
         title: the overview's headline.
         progress: show a progress bar.
+        group, pair: deprecated names of ``by`` and ``pair_on`` (removed in the next release).
 
     Raises:
         FileNotFoundError / ValueError: bad paths, no runs, unknown group / pair tags or target.
     """
     start = time.perf_counter()
+    by = renamed(by, group, "by", "group", "build_report")
+    pair_on = renamed(pair_on, pair, "pair_on", "pair", "build_report")
     out_path = _output_path(out)
     bar = StepProgress(progress, total=_CONTEXT_STEPS + len(PAGES) + 3)
     try:
@@ -143,7 +155,9 @@ def build_report(
             ctx = (
                 run_dirs
                 if isinstance(run_dirs, ReportContext)
-                else build_context(run_dirs, group=group, pair=pair, target=target, step=bar)
+                else build_context(
+                    run_dirs, by=by, pair_on=pair_on, target=target, primary=tuple(primary), step=bar
+                )
             )
             pages, skipped, found = render_pages(ctx, title=title, progress=bar)
             bar("writing PDF")

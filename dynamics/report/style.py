@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import matplotlib as mpl
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 
 __all__ = [
     "PAGE_SIZE",
@@ -109,7 +110,9 @@ def new_page(nrows: int = 1, ncols: int = 1, *, top: float = PLOT_TOP, bottom: f
     """
     fig = Figure(figsize=PAGE_SIZE, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False, **kwargs)
-    fig.get_layout_engine().set(rect=(0.0, bottom, 1.0, top - bottom), h_pad=0.12, w_pad=0.12)
+    engine = fig.get_layout_engine()
+    assert isinstance(engine, ConstrainedLayoutEngine)
+    engine.set(rect=(0.0, bottom, 1.0, top - bottom), h_pad=0.12, w_pad=0.12)
     return fig, axes
 
 

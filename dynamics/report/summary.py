@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from dynamics.report.context import ReportContext, build_context
+from dynamics.report.context import ReportContext, build_context, renamed
 from dynamics.report.findings import findings as make_findings
 from dynamics.report.pages_overview import setup_lines
 from dynamics.report.progress import StepProgress
@@ -35,19 +35,24 @@ def _rich_table(
 def print_summary(
     run_dirs: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
     *,
-    group: str | None = None,
-    pair: Iterable[str] | str | None = None,
+    by: str | None = None,
+    pair_on: Sequence[str] | str | None = None,
     target: str = "multitask_score",
+    primary: Iterable[str] = (),
     max_rows: int = 15,
     console: Console | None = None,
     progress: bool = True,
+    group: str | None = None,
+    pair: Sequence[str] | str | None = None,
 ) -> ReportContext:
     """Print the report's key tables and findings to the terminal; returns the context used.
 
     Same arguments and defaults as :func:`dynamics.report.build_report` (``run_dirs`` may be a
     ``ReportResult.context`` to reuse its statistics); tables are the same selections as the PDF's
-    (top ``max_rows`` rows).
+    (top ``max_rows`` rows). ``group`` and ``pair`` are the deprecated names of ``by`` and ``pair_on``.
     """
+    by = renamed(by, group, "by", "group", "print_summary")
+    pair_on = renamed(pair_on, pair, "pair_on", "pair", "print_summary")
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped / captured: do not squeeze the tables into 80 columns
@@ -57,7 +62,9 @@ def print_summary(
         ctx = (
             run_dirs
             if isinstance(run_dirs, ReportContext)
-            else build_context(run_dirs, group=group, pair=pair, target=target, step=bar)
+            else build_context(
+                run_dirs, by=by, pair_on=pair_on, target=target, primary=tuple(primary), step=bar
+            )
         )
         bar("writing findings")
         found = make_findings(ctx)
@@ -83,7 +90,7 @@ def print_summary(
                 table,
                 f"Group comparison by {ctx.group}",
                 sig,
-                caption=f"{n_tested} signal features tested; green: p < 0.05 ({ctx.target}: own test; signals: Holm-adjusted)",
+                caption=f"{n_tested} signal features tested; green: p_holm < 0.05 in its family; p: exact for n <= 10",
             )
         )
     else:
@@ -102,6 +109,11 @@ def print_summary(
         notes.append(f"Correlation: {ctx.correlation.note}")
     if ctx.forecast.ok:
         console.print(_rich_table(forecast_table(ctx), f"Early forecast of {ctx.target}"))
+    from dynamics.report.findings import comparison_power, correlation_power
+
+    for power in (comparison_power(ctx), correlation_power(ctx)):
+        if power is not None:
+            console.print(f"[dim]{power.sentence}[/dim]", highlight=False)
     else:
         notes.append(f"Forecast: {ctx.forecast.note}")
     for note in notes:

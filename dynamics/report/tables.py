@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dynamics.report.context import ReportContext
+from dynamics.report.context import ALPHA, ReportContext
 from dynamics.report.style import fmt, fmt_p
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "ALPHA",
 ]
 
-ALPHA = 0.05
 _TEST_NAMES = {
     "wilcoxon": "Wilcoxon signed-rank",
     "mannwhitney": "Mann-Whitney U",
@@ -127,6 +126,7 @@ def comparison_table(ctx: ReportContext, max_rows: int = 20) -> tuple[pd.DataFra
     out["test"] = rows["test"].map(test_name)
     out["p"] = rows["p_value"].map(fmt_p)
     out["p (Holm)"] = rows["p_holm"].map(fmt_p)
+    out["min p at n"] = rows["p_min"].map(fmt_p) if "p_min" in rows else "n/a"
     out["Cohen's d"] = [fmt(effect_size(r), 2) for _, r in rows.iterrows()]
     significant = [bool(p < ALPHA) for p in rows["p_holm"].fillna(1.0)]
     n_tested = (
@@ -162,10 +162,13 @@ def correlation_table(ctx: ReportContext, max_rows: int = 15) -> tuple[pd.DataFr
                 for r, lo, hi in zip(rows["r"], rows["ci_low"], rows["ci_high"], strict=True)
             ],
             "p": rows["p_value"].map(fmt_p),
-            "p (perm)": rows["p_perm"].map(fmt_p) if "p_perm" in rows else "n/a",
             "p (Holm)": rows["p_holm"].map(fmt_p),
+            "min p at n": rows["p_min"].map(fmt_p) if "p_min" in rows else "n/a",
         }
     )
+    if "partial_r" in rows and ctx.group:
+        out[f"r within {ctx.group}"] = rows["partial_r"].map(lambda v: fmt(v, 2))
+        out["p within"] = rows["partial_p"].map(fmt_p)
     significant = [bool(p < ALPHA) for p in rows["p_holm"].fillna(1.0)]
     return out.reset_index(drop=True), significant, int(full["feature"].nunique())
 

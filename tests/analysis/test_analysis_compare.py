@@ -58,7 +58,16 @@ def test_paired_statistics_equal_direct_scipy_calls():
     ] == pytest.approx(ref.high)
     np.testing.assert_allclose(res["p_holm"], multipletests(res["p_value"], method="holm")[1])
     np.testing.assert_allclose(res["p_bh"], multipletests(res["p_value"], method="fdr_bh")[1])
-    np.testing.assert_allclose(res["p_t_holm"], multipletests(res["p_t"], method="holm")[1])
+    # 9 pairs: the p the corrections use is exact (all 2^9 sign flips), the approximations are extras.
+    assert (res["p_method"] == "exact").all()
+    for j, row in res.iterrows():
+        d = feats.loc[9:, f"f{j}/all/mean"].to_numpy() - feats.loc[:8, f"f{j}/all/mean"].to_numpy()
+        assert row["p_value"] == pytest.approx(stats.wilcoxon(d, method="exact").pvalue)
+        assert row["p_asymptotic"] == pytest.approx(stats.wilcoxon(d, method="approx").pvalue)
+        flips = stats.permutation_test((d,), np.mean, permutation_type="samples", n_resamples=np.inf)
+        assert row["p_perm"] == pytest.approx(flips.pvalue)
+        assert row["p_min"] == pytest.approx(2 / 2**9)
+    assert (res["p_min_holm"] == np.minimum(1, 3 * res["p_min"])).all()
 
 
 def test_a_features_ci_does_not_depend_on_the_other_features_tested():
@@ -222,7 +231,8 @@ def test_pairing_rules_unmatched_duplicates_no_match_and_many_groups():
         ("IMAX", "MIXED"),
     ]
     with pytest.raises(ValueError, match="pair_on.*'seed'"):
-        compare(feats, by="construction")  # the default pair_on names a tag this frame lacks
+        compare(feats, by="construction", pair_on=("model", "seed"))  # a pair_on tag this frame lacks
+    assert not compare(feats, by="construction", n_boot=0).loc[0, "paired"]  # default: unpaired
     with pytest.raises(ValueError, match="no run has construction == 'BOTH'"):
         compare(feats, by="construction", pair_on="model", groups=("DMAX", "BOTH"))
     with pytest.raises(ValueError, match="did you mean"):

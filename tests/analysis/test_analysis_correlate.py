@@ -185,8 +185,18 @@ def test_small_n_constant_and_missing_values():
     ok = feats["gappy/all/mean"].notna()
     ref = stats.spearmanr(feats.loc[ok, "gappy/all/mean"], feats.loc[ok, "multitask_score"])
     assert (
-        g["n"] == 5 and g["r"] == pytest.approx(ref.statistic) and g["p_value"] == pytest.approx(ref.pvalue)
+        g["n"] == 5
+        and g["r"] == pytest.approx(ref.statistic)
+        and g["p_asymptotic"] == pytest.approx(ref.pvalue)
     )
+    # n = 5 <= EXACT_MAX_N: the p the corrections use is the full permutation test (5! pairings).
+    exact = stats.permutation_test(
+        (feats.loc[ok, "gappy/all/mean"].to_numpy(),),
+        lambda a: stats.spearmanr(a, feats.loc[ok, "multitask_score"]).statistic,
+        permutation_type="pairings",
+        n_resamples=np.inf,
+    )
+    assert g["p_method"] == "exact" and g["p_value"] == pytest.approx(exact.pvalue) == g["p_perm"]
     with pytest.raises(ValueError, match="method"):
         correlate(feats, method="distance")
     with pytest.raises(ValueError, match="target"):

@@ -15,6 +15,7 @@ MODULES = [
     "dynamics.analysis.forecast",
     "dynamics.analysis.scores",
     "dynamics.analysis.loss_curvature",
+    "dynamics.analysis.attainable",
 ]
 
 

@@ -111,7 +111,7 @@ def test_phase_means_match_brute_force():
                 if r != run or g != row.group or t != row.task:
                     continue
                 frac = s / n_steps[run]
-                phase = "early" if frac < 1 / 3 else "middle" if frac < 2 / 3 else "late"
+                phase = "early" if frac <= 1 / 3 else "middle" if frac <= 2 / 3 else "late"
                 if phase == row.phase:
                     vals.append(v)
             if vals:
@@ -145,3 +145,20 @@ def test_fmt(x, text):
 )
 def test_fmt_p(p, text):
     assert fmt_p(p) == text
+
+
+def test_report_and_features_share_one_phase_rule_at_the_boundaries():
+    """A point at exactly 1/3 or 2/3 of the run falls into the same phase for the report's heatmaps
+    and for features()' phase means."""
+    from dynamics.analysis import features
+    from dynamics.store.reader import RunSet
+
+    steps = np.arange(1, 31)  # 10/30 and 20/30 lie exactly on the boundaries
+    metrics = pd.DataFrame({"run_id": "r", "step": steps, "name": "grad_cosine", "task": "a", "task_b": "b",
+                            "value": steps.astype(float)})  # fmt: skip
+    feats = features(RunSet.from_frames(pd.DataFrame({"run_id": ["r"]}), metrics))
+    got = phase_means(metrics.assign(group="g"), pd.Series({"r": 30}), by=("task", "task_b"))
+    for phase in ("early", "middle", "late"):
+        value = got.loc[got["phase"] == phase, "value"].iloc[0]
+        assert value == pytest.approx(feats.loc["r", f"grad_cosine/a|b/{phase}"]), phase
+    assert got.loc[got["phase"] == "early", "value"].iloc[0] == pytest.approx(5.5)  # steps 1..10

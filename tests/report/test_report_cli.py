@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from tests.report.pdf_tools import needs_poppler, page_count
 from rich.console import Console
-from tests.report.synthetic_runs import write_runs
 from typer.testing import CliRunner
 
 from dynamics.cli import app
 from dynamics.report import print_summary
+from tests.report.pdf_tools import needs_poppler, page_count
+from tests.report.synthetic_runs import write_runs
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def _stderr(result) -> str:
 def test_report_command_writes_the_pdf(runs, tmp_path):
     out = tmp_path / "r.pdf"
     result = runner.invoke(
-        app, ["report", str(runs), "-o", str(out), "--no-progress", "--pair", "model,seed"]
+        app, ["report", str(runs), "-o", str(out), "--no-progress", "--pair-on", "model,seed"]
     )
     assert result.exit_code == 0, result.output
     n = int(result.output.split("(")[1].split(" pages")[0])
@@ -43,8 +43,10 @@ def test_report_command_writes_the_pdf(runs, tmp_path):
     ("args", "match"),
     [
         (["{tmp}/nowhere"], "does not exist"),
-        (["{runs}", "--group", "method"], "not a tag of these runs"),
-        (["{runs}", "--target", "score/cls/f1"], "not a score of these runs"),
+        (["{runs}", "--by", "method"], "--by 'method' is not a tag of these runs"),
+        (["{runs}", "--group", "method"], "--by 'method' is not a tag of these runs"),  # deprecated alias
+        (["{runs}", "--pair-on", "model,gpu"], "--pair-on ['model', 'gpu']: ['gpu'] are not tags"),
+        (["{runs}", "--target", "score/cls/f1"], "--target 'score/cls/f1' is not a score of these runs"),
     ],
 )
 def test_report_command_bad_input(runs, tmp_path, args, match):
@@ -87,3 +89,11 @@ def test_print_summary_shows_the_findings_and_the_top_rows(runs):
 def test_summary_bad_path(tmp_path):
     result = runner.invoke(app, ["summary", str(tmp_path / "nothing"), "--no-progress"])
     assert result.exit_code == 2 and "does not exist" in _stderr(result)
+
+
+def test_deprecated_flags_still_work_and_say_so(runs):
+    result = runner.invoke(
+        app, ["summary", str(runs), "--no-progress", "--group", "construction", "--rows", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "--group is deprecated; use --by" in _stderr(result)

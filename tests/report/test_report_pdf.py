@@ -8,15 +8,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
-from tests.report.pdf_tools import needs_poppler, page_count, page_text, render, squash
-from tests.report.synthetic_runs import write_run, write_runs
 
 from dynamics import load_runs
 from dynamics.report import PAGES, build_report
 from dynamics.report.context import build_context
 from dynamics.report.pages_geometry import cosine_matrix
 from dynamics.report.pdf import render_pages
+from tests.report.pdf_tools import needs_poppler, page_count, page_text, render, squash
+from tests.report.synthetic_runs import write_run, write_runs
 
 TITLES = {p.key: p.title for p in PAGES}
 ALL_PAGES = ["Overview", *TITLES.values()]
@@ -38,7 +39,7 @@ def full(tmp_path_factory):
     """40 runs (IMAX/DMAX x 4 models x 5 seeds), short, with probes and scores, and their report."""
     tmp = tmp_path_factory.mktemp("report40")
     write_runs(tmp / "runs", n_models=4, n_seeds=5, n_steps=80, probe_every=8)
-    result = build_report([tmp / "runs"], tmp / "out" / "report.pdf", progress=False)
+    result = build_report([tmp / "runs"], tmp / "out" / "report.pdf", primary=PRIMARY[1:], progress=False)
     return SimpleNamespace(root=tmp / "runs", tmp=tmp, result=result, pdf=tmp / "out" / "report.pdf")
 
 
@@ -53,7 +54,7 @@ def stats(full):
         feats=feats,
         compare=compare(feats, by="construction", pair_on=("model", "seed")),
         primary=compare(feats, by="construction", pair_on=("model", "seed"), features=PRIMARY),
-        correlate=correlate(feats, target="multitask_score", method="spearman"),
+        correlate=correlate(feats, target="multitask_score", method="spearman", control="construction"),
         forecast=forecast(runset, target="multitask_score", fractions=(0.1, 0.25, 0.5), group="model"),
     )
 
@@ -86,13 +87,14 @@ def test_findings_quote_the_comparison(full, stats):
     primary = stats.primary
     assert sorted(primary["feature"]) == sorted(PRIMARY)
     for feature, start in [
-        ("multitask_score", "Final score multitask_score"),
-        *((f, f"({f})") for f in PRIMARY[1:]),
+        ("multitask_score", "Final score multitask_score:"),
+        *((f, f"{f}:") for f in PRIMARY[1:]),
     ]:
-        sentence = next(f for f in full.result.findings if start in f)
+        sentence = next(f for f in full.result.findings if f.startswith(start))
         m = re.search(
-            rf": (\S+) {NUMBER} vs (\S+) {NUMBER} \(difference {NUMBER}, 95% CI {NUMBER} to {NUMBER}; "
-            rf"Wilcoxon signed-rank, n = (\d+) pairs; p_holm = {NUMBER}, Holm over the 3 pre-specified tests\)\.$",
+            rf": observed (\S+) {NUMBER} vs (\S+) {NUMBER} \(difference {NUMBER}, 95% CI {NUMBER} to {NUMBER}; "
+            rf"Wilcoxon signed-rank, n = (\d+) pairs; p = {NUMBER}, p_holm = {NUMBER}, Holm over the 3 "
+            rf"pre-specified tests\): (significant|not significant)\.$",
             sentence,
         )
         assert m, sentence
@@ -104,7 +106,8 @@ def test_findings_quote_the_comparison(full, stats):
         ):
             assert _close(text, row[col]), (feature, col, text, row[col])
         assert int(m.group(8)) == row["n_pairs"] == 20
-        assert _close(m.group(9), row["p_holm"], p=True)
+        assert _close(m.group(9), row["p_value"], p=True) and _close(m.group(10), row["p_holm"], p=True)
+        assert (m.group(11) == "significant") == bool(row["p_holm"] < 0.05)
 
     # The exploratory family: every signal feature, Holm over all of them.
     count = next(f for f in full.result.findings if "training-signal features differ" in f)
@@ -123,8 +126,9 @@ def test_findings_quote_the_comparison(full, stats):
 def test_findings_quote_the_correlation_and_forecast(full, stats):
     sentence = next(f for f in full.result.findings if "Spearman r =" in f)
     m = re.match(
-        rf"(\S+) goes with multitask_score: Spearman r = {NUMBER} \(95% CI {NUMBER} to {NUMBER}; n = (\d+); "
-        rf"p_holm = {NUMBER}\)",
+        rf"Strongest observed association, (\S+) with multitask_score: Spearman r = {NUMBER} \(95% CI {NUMBER} "
+        rf"to {NUMBER}; n = (\d+); p = {NUMBER}, p_holm = {NUMBER}; within each construction: r = {NUMBER}, "
+        rf"p = {NUMBER}\)",
         sentence,
     )
     assert m, sentence
@@ -135,7 +139,11 @@ def test_findings_quote_the_correlation_and_forecast(full, stats):
     assert float(m.group(3)) == pytest.approx(strongest["ci_low"], abs=0.006)
     assert float(m.group(4)) == pytest.approx(strongest["ci_high"], abs=0.006)
     assert int(m.group(5)) == strongest["n"]
-    assert _close(m.group(6), strongest["p_holm"], p=True)
+    assert _close(m.group(6), strongest["p_value"], p=True) and _close(
+        m.group(7), strongest["p_holm"], p=True
+    )
+    assert float(m.group(8)) == pytest.approx(strongest["partial_r"], abs=0.006)
+    assert _close(m.group(9), strongest["partial_p"], p=True)
 
     sentence = next(f for f in full.result.findings if "forecast" in f)
     m = re.search(
@@ -147,7 +155,7 @@ def test_findings_quote_the_correlation_and_forecast(full, stats):
     assert float(m.group(2)) == pytest.approx(row["spearman"], abs=0.006)
     assert float(m.group(3)) == pytest.approx(row["r2"], abs=0.006)
     assert _close(m.group(4), row["mae"]) and _close(m.group(5), row["baseline_mae"])
-    beats = "better than the baseline" in sentence
+    beats = "lower error than the baseline" in sentence
     assert beats == bool(row["mae"] < row["baseline_mae"])
     if beats:  # the earliest fraction that beats the baseline
         earlier = fc[fc.index < row.name]
@@ -234,8 +242,12 @@ def test_runs_with_different_task_sets(tmp_path):
         ({"run_dirs": ["{tmp}/empty"]}, ValueError, "not a run"),
         ({"out": "{tmp}"}, ValueError, "is a directory"),
         ({"out": "{tmp}/report.png"}, ValueError, "does not end in .pdf"),
-        ({"group": "method"}, ValueError, "not a tag of these runs"),
-        ({"pair": "model,gpu"}, ValueError, "not tags of these runs"),
+        ({"by": "method"}, ValueError, "by='method' is not a tag of these runs"),
+        (
+            {"pair_on": "model,gpu"},
+            ValueError,
+            r"pair_on=\['model', 'gpu'\]: \['gpu'\] are not tags of these runs",
+        ),
         ({"target": "score/cls/f1"}, ValueError, "not a score of these runs"),
     ],
 )
@@ -277,3 +289,24 @@ def test_run_level_score_is_a_target_under_its_features_name(tmp_path):
     assert ctx.primary.ok and "score/all/overall" in set(ctx.primary.frame["feature"])
     with pytest.raises(ValueError, match="not a score of these runs"):
         build_context([tmp_path / "runs"], target="score//overall")
+
+
+def test_the_reports_numbers_are_compares_numbers(full, stats):
+    """The report's comparison and correlation frames are the statistics layer's, not a re-computation:
+    the CI results.md quotes from compare() is the CI the report prints."""
+    ctx = full.result.context
+    for mine, direct in ((ctx.primary.frame, stats.primary), (ctx.comparison.frame, stats.compare)):
+        cols = ["feature", "diff", "diff_ci_low", "diff_ci_high", "p_value", "p_holm", "p_min"]
+        pd.testing.assert_frame_equal(mine[cols].reset_index(drop=True), direct[cols].reset_index(drop=True))
+    cols = ["feature", "r", "ci_low", "ci_high", "p_value", "p_holm", "partial_r", "partial_p"]
+    pd.testing.assert_frame_equal(ctx.correlation.frame[cols], stats.correlate[cols])
+
+
+@pytest.mark.filterwarnings("ignore:.*too few observations")
+def test_old_argument_names_still_work_with_a_deprecation_warning(tmp_path):
+    write_runs(tmp_path / "runs", n_models=2, n_seeds=1, n_steps=20, probe_every=None)
+    with pytest.warns(DeprecationWarning, match="group= is deprecated"):
+        ctx = build_context([tmp_path / "runs"], group="construction", pair="model", statistics=False)
+    assert ctx.by == "construction" and ctx.pair_on == ("model",)
+    with pytest.raises(TypeError, match="pass by= only"):
+        build_context([tmp_path / "runs"], by="construction", group="construction")

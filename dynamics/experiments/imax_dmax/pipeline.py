@@ -363,8 +363,9 @@ def analyse(
         build_report(
             cast(Any, runset),  # already loaded: the report reads the same stores
             out / "report.pdf",
-            group="construction",
-            pair=["model", "seed"],
+            by="construction",
+            pair_on=["model", "seed"],
+            primary=("fisher_se/all/mean", "fisher_rho/all/mean"),  # the paper's two hypotheses
             target="score/all/multitask_score",
             figures_dir=out / "figures" / "report",
             title=f"IMAX vs DMAX arms ({preset.name} preset)",
