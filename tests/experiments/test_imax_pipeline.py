@@ -72,7 +72,7 @@ def test_tiny_reproduction_writes_artefacts_and_resumes(tmp_path):
     # every run carries the score ranges (INTERFACES.md item 5) and the common-probe rows
     for run_dir in (out / "runs").iterdir():
         assert json.loads((run_dir / "run.json").read_text())["meta"]["score_ranges"] == {
-            "calculation": {"mae": [0.1, 0.0]}
+            t: {"score": [0.0, 1.0]} for t in TASK_NAMES
         }
     assert {"fisher_se_common", "fisher_rho_common"} <= set(rs.metrics["name"])
     three = rs.runs.set_index("construction").loc["DMAX-3stage", "path"]

@@ -114,7 +114,7 @@ def test_artefacts_and_one_finished_run_per_model_arm_replicate(quick):
     assert cfg["name"] == "quick" and cfg["fingerprint"] == QUICK.fingerprint()
     for run_dir in (out / "runs").iterdir():  # INTERFACES.md item 5: the CTR's MAE is lower-is-better
         meta = json.loads((run_dir / "run.json").read_text())["meta"]
-        assert meta["score_ranges"] == {"calculation": {"mae": [0.1, 0.0]}}
+        assert meta["score_ranges"] == {t: {"score": [0.0, 1.0]} for t in TASK_NAMES}
 
 
 def test_results_open_with_what_the_run_can_support(quick):

@@ -44,7 +44,6 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from dynamics.experiments.imax_dmax.constructions import Construction, DataBundle, Entry, check_arm
 from dynamics.experiments.imax_dmax.data import IGNORE_INDEX, EntryDataset, VLMCollator
 from dynamics.experiments.imax_dmax.evaluate import evaluate_model, generate_answers
-from dynamics.experiments.imax_dmax.metrics import CTR_SCALE
 from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
 from dynamics.experiments.imax_dmax.tokenizer import build_tokenizer
 from dynamics.experiments.imax_dmax.zoo import Arch, Dims, get_arch
@@ -53,9 +52,10 @@ DONE_FILE = "DONE"
 COMMON_SUFFIX = "_common"
 FINETUNE_MODES = ("full", "lora")
 
-# INTERFACES.md item 5: [worst, best] of every stored metric that is not already "higher is better
-# on [0, 1]": the CTR's MAE maps onto the task score's own scale (MAE >= 0.1 is as bad as it gets).
-SCORE_RANGES: dict[str, dict[str, list[float]]] = {"calculation": {"mae": [CTR_SCALE, 0.0]}}
+# The run's declared score ranges (run.json meta["score_ranges"], read by dynamics.analysis): each
+# task is scored by its own "score" on [0, 1] (the CTR's score is already 1 - min(MAE / 0.1, 1)), so
+# the library's multitask_score is the reproduction's stored one and `dynamics summary OUT` needs no flags.
+SCORE_RANGES: dict[str, dict[str, list[float]]] = {t: {"score": [0.0, 1.0]} for t in TASK_NAMES}
 
 
 @dataclass(frozen=True)
