@@ -24,13 +24,13 @@ The multi-task score is the mean over tasks of each task's normalised ``score`` 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from dynamics.analysis.attainable import min_pvalue
 from dynamics.experiments.imax_dmax.constructions import ARMS
 from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
 
@@ -53,18 +53,15 @@ SIGNAL_FEATURES = COMMON_FEATURES + OWN_FEATURES
 
 
 def min_p_signed_rank(n: int) -> float:
-    """Smallest two-sided p of an exact paired sign-flip / Wilcoxon signed-rank test on ``n`` pairs.
-
-    Under H0 each of the ``2^n`` sign patterns is equally likely; the most extreme statistic (all
-    differences of one sign) has probability ``1 / 2^n`` on each side, so ``p >= 2 / 2^n``.
-    """
-    return 1.0 if n < 1 else min(1.0, 2.0 / 2.0**n)
+    """Smallest two-sided p of an exact paired sign-flip / Wilcoxon signed-rank test on ``n`` pairs:
+    ``2 / 2^n`` (the statistics layer's own rule, :func:`dynamics.analysis.min_pvalue`)."""
+    return min_pvalue("wilcoxon", n)
 
 
 def min_p_permutation_corr(n: int) -> float:
     """Smallest two-sided p of an exact permutation test of a rank correlation over ``n`` runs:
-    ``2 / n!`` (the identity and the reversed pairing are the two most extreme of ``n!``)."""
-    return 1.0 if n < 2 else min(1.0, 2.0 / math.factorial(n))
+    ``2 / n!`` (:func:`dynamics.analysis.min_pvalue`)."""
+    return min_pvalue("spearman", n)
 
 
 def _fmt(v, nd: int = 3) -> str:
