@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dynamics.signals.capture import ModuleCall, flat_leaves
+from dynamics.signals.calls import ModuleCall, flat_leaves
 from dynamics.signals.example_axis import reproduces
 
 
@@ -67,7 +67,7 @@ def call_per_example_grads(
     def one(
         xs_i: tuple[Tensor, ...], dys_i: tuple[Tensor, ...]
     ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
-        outs, vjp_fn = torch.func.vjp(lambda th: run(th, xs_i, True), theta)
+        outs, vjp_fn = torch.func.vjp(lambda th: run(th, xs_i, True), theta)  # type: ignore[misc]
         return vjp_fn(tuple(d.unsqueeze(0) for d in dys_i))[0], tuple(o.squeeze(0) for o in outs)
 
     try:
@@ -95,7 +95,7 @@ def call_per_example_grads(
                         allow_unused=True,
                     )
                 else:
-                    gs = [None] * len(names)
+                    gs = tuple(torch.zeros_like(p) for p in params)
         except Exception:  # noqa: BLE001 - the module cannot be re-run one example at a time
             return None
         for k, (gk, p) in enumerate(zip(gs, params, strict=True)):

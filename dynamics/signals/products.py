@@ -30,12 +30,13 @@ the same factors: ``<g_i, D> = sum_t <a_it, D b_it>`` (``D[u_it] . b_it`` for on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from dynamics.signals.capture import ModuleCall
+from dynamics.signals.calls import ModuleCall
 
 CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost products
 MATERIALIZE_ELEMENTS = 1 << 26  # largest block of materialised per-example gradients (elements)
@@ -75,7 +76,7 @@ def conv_weight_factor(call: ModuleCall) -> Factored:
     A convolution is a Linear map on unfolded input patches: ``b`` = the patches (``F.unfold``,
     channel-major like the weight's ``(C_in, k_h, k_w)`` layout), ``a = dy`` at each output position.
     """
-    m = call.module
+    m: Any = call.module
     x = call.main_input().detach()
     dy = call.dys[0]
     n = x.shape[0]
@@ -107,10 +108,11 @@ def embedding_factor(call: ModuleCall) -> Factored:
     n = ids.shape[0]
     ids = ids.reshape(n, -1)
     dz = dz.reshape(n, ids.shape[1], dz.shape[-1])
-    pad = call.module.padding_idx
+    module: Any = call.module
+    pad = module.padding_idx
     if pad is not None:
         dz = dz * (ids != pad).unsqueeze(-1).to(dz.dtype)
-    return Factored(ids, dz, True, call.module.num_embeddings)
+    return Factored(ids, dz, True, module.num_embeddings)
 
 
 def _row_mask(f: Factored) -> Tensor:
@@ -204,7 +206,9 @@ class GramBuilder:
     ) -> None:
         """Add one parameter whose per-example gradient is ``sum(factors) + sum(dense)``."""
         if dense:
-            total = sum(dense)
+            total = dense[0]
+            for extra in dense[1:]:
+                total = total + extra
             for f in factors:
                 m = self._materialize(f)
                 total = total + m.reshape(total.shape)
@@ -283,6 +287,7 @@ class GramBuilder:
             if dmat is not None:
                 d = dmat[:, sl] if by_cols else dmat[sl]
                 d = d.T if swap else d
+            assert total is not None
             self.add_dense(total, d)
 
     def _materialize(
