@@ -36,13 +36,15 @@ def backward_to_outputs(
     calls: list[ModuleCall],
     retain_graph: bool,
     known: dict[int, bool] | None = None,
+    one_pass: bool = False,
 ) -> tuple[set[int], dict[int, bool] | None]:
     """Output gradients ``dy = d(sum_i l_i)/dy`` of the calls (``call.dys``, zeros if unused) and their check.
 
     ``known`` maps ``id(call)`` to a verdict reused from an earlier probe of the same inputs: when
     it covers every call, the weighted pass is skipped. Returns the ids of the calls that are not
     per-example, and the verdicts computed here (None when all were known). The graph is retained
-    after the last pass only if ``retain_graph``.
+    after the last pass only if ``retain_graph``. ``one_pass`` runs both weightings in one batched
+    backward (``is_grads_batched``), for models whose hooks allow one backward per forward.
     """
     if not calls:
         return set(), None
@@ -56,12 +58,27 @@ def backward_to_outputs(
             c.dys = _dys(c, grads, index)
         return {id(c) for c in calls if not known[id(c)]}, None
     weights = check_weights(losses.shape[0], losses.detach())
-    weighted: list[Tensor | None] = list(
-        torch.autograd.grad(losses, edges, grad_outputs=weights, retain_graph=True, allow_unused=True)
-    )
-    grads = torch.autograd.grad(
-        losses, edges, grad_outputs=ones, retain_graph=retain_graph, allow_unused=True
-    )
+    weighted: list[Tensor | None]
+    if one_pass:
+        # FSDP1 frees the unsharded parameters after the first backward and re-gathers them only
+        # once per forward, so both weightings run in one (batched) backward pass.
+        both = torch.autograd.grad(
+            losses,
+            edges,
+            grad_outputs=torch.stack([weights, ones]),
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        weighted = [None if g is None else g[0] for g in both]
+        grads = tuple(None if g is None else g[1] for g in both)
+    else:
+        weighted = list(
+            torch.autograd.grad(losses, edges, grad_outputs=weights, retain_graph=True, allow_unused=True)
+        )
+        grads = torch.autograd.grad(
+            losses, edges, grad_outputs=ones, retain_graph=retain_graph, allow_unused=True
+        )
     local: dict[int, bool] = {}
     for j in range(len(edges)):
         local[j] = rows_local(weighted[j], grads[j], weights)

@@ -102,11 +102,13 @@ def compute_gram(
             raise ValueError(NO_GRAD_MESSAGE)
         exact_params = list(params)
     else:
-        pl = plan(capture, losses.sum(), n, allow_fast=True)
+        pl = plan(capture, losses.sum(), n, allow_fast=method != "exact")
         paths["unused"] = [id(p) for p in pl.unused]
         known, store = _known_verdicts(memo, capture, pl)
         keep_graph = _may_fall_back(capture, pl, known, recompute)
-        nonlocal_calls, verdicts = backward_to_outputs(losses, pl.calls_needed, keep_graph, known)
+        nonlocal_calls, verdicts = backward_to_outputs(
+            losses, pl.calls_needed, keep_graph, known, one_pass=capture.has_views
+        )
         if store is not None and verdicts is not None:
             store({call_key(c, capture): verdicts[id(c)] for c in pl.calls_needed})
         exact_params = list(pl.exact)
@@ -116,7 +118,7 @@ def compute_gram(
             for c in calls:
                 c.dys = []  # free the output gradients early
         freed = not keep_graph
-    _add_exact(builder, losses, exact_params, direction, paths, recompute if freed else None, freed)
+    _add_exact(builder, losses, exact_params, capture, direction, paths, recompute if freed else None, freed)
     gram = builder.finish()
     paths["ghost"] = builder.paths["ghost"]
     paths["materialized"] = builder.paths["materialized"]
@@ -213,7 +215,7 @@ def _add_modules(
     n = builder.n
     for module, ps in pl.module.values():
         calls = pl.live_calls(capture, module)
-        if any(id(c) in nonlocal_calls for c in calls) or not can_gather(ps):
+        if any(id(c) in nonlocal_calls for c in calls):
             failed.extend(ps)
             continue
         grads: list[Tensor] | None
@@ -226,8 +228,17 @@ def _add_modules(
             path = "rule"
         else:
             names = [capture.param_name(module, p) for p in ps]
-            with gathered(ps) as whole:  # a sharded module's re-run needs its whole parameters
-                grads = module_per_example_grads(module, names, whole, calls, n)
+            others = [(k, q) for k, q in module.named_parameters() if k not in names]
+            if not can_gather([*ps, *(q for _, q in others)]):
+                failed.extend(ps)
+                continue
+            if any(is_sharded(q) for q in [*ps, *(q for _, q in others)]):
+                # a sharded module's re-run needs all its parameters whole (a collective, same on every rank)
+                with gathered([*ps, *(q for _, q in others)]) as whole:
+                    fixed = {k: w for (k, _), w in zip(others, whole[len(ps) :], strict=True)}
+                    grads = module_per_example_grads(module, names, whole[: len(ps)], calls, n, fixed)
+            else:
+                grads = module_per_example_grads(module, names, ps, calls, n)
             path = "module"
         if grads is None:  # the per-example re-run did not reproduce the module's outputs
             failed.extend(ps)
@@ -242,23 +253,37 @@ def _add_exact(
     builder: GramBuilder,
     losses: Tensor,
     params: list[Tensor],
+    capture: Capture | None,
     direction: dict[int, Tensor],
     paths: dict[str, list[int]],
     recompute: Callable[[], Tensor] | None,
     freed: bool,
 ) -> None:
-    """Exact per-example autograd for ``params``; sharded ones are left out (``paths["left_out"]``)."""
-    left = [p for p in params if is_sharded(p)]
-    params = [p for p in params if not is_sharded(p)]
-    paths["left_out"] += [id(p) for p in left]
-    if not params:
+    """Exact per-example autograd for ``params``.
+
+    A sharded parameter is differentiated through the tensor its module used in the forward (the
+    unsharded FSDP2 parameter; the ZeRO-3 parameter itself); one without such a leaf (FSDP1's flat
+    parameter views) is left out of ``K`` (``paths["left_out"]``).
+    """
+    targets = []
+    for p in params:
+        leaf = capture.leaf_of(p) if capture is not None and is_sharded(p) else p
+        if leaf is None:
+            paths["left_out"].append(id(p))
+        else:
+            targets.append((p, leaf))
+    if not targets:
         return
     if freed:
         assert recompute is not None, "the graph was freed although a parameter needs exact autograd"
         losses = recompute()  # rare: a module re-run failed after the graph was freed
-    for p, g in zip(params, per_example_grads(losses, params), strict=True):
-        builder.add_dense(g, direction.get(id(p)))
+    for (p, _), g in zip(targets, per_example_grads(losses, [leaf for _, leaf in targets]), strict=True):
+        builder.add_dense(g.reshape(builder.n, *capture_shape(capture, p)), direction.get(id(p)))
         paths["exact"].append(id(p))
+
+
+def capture_shape(capture: Capture | None, p: Tensor) -> torch.Size:
+    return p.shape if capture is None else capture.shape(p)
 
 
 def _direct(module: nn.Module, ps: list[Tensor], capture: Capture) -> bool:
