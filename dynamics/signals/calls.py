@@ -60,7 +60,7 @@ class ModuleCall:
             if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != n or len(outs) != 1:
                 return False
             y = outs[0]
-            if self.kind == "linear":
+            if self.kind in ("linear", "linear_t"):
                 return x.dim() >= 2 and y.shape[:-1] == x.shape[:-1]
             if self.kind == "embedding":
                 return y.shape[:-1] == x.shape

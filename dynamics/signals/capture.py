@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from dynamics.signals.calls import ModuleCall, flat_leaves, tensor_leaves
 from dynamics.signals.layer_kinds import module_kind
-from dynamics.signals.sharding import is_dtensor, is_fsdp1
+from dynamics.signals.sharding import is_dtensor, is_fsdp1, is_zero3
 
 
 class Capture:
@@ -122,20 +122,25 @@ class Capture:
         self._keep.append(alias)
 
     @property
-    def has_views(self) -> bool:
-        """Whether a module used a view of a larger tensor for a parameter (FSDP1's flat parameter)."""
-        return any(not isinstance(a, Tensor) for a in self._keep)
+    def one_backward(self) -> bool:
+        """Whether the sharding allows only one backward pass per forward.
+
+        FSDP1 (modules use views of a flat parameter) and ZeRO-3 free the gathered parameters
+        after the first backward and gather them again only in the next forward.
+        """
+        return any(not isinstance(a, Tensor) for a in self._keep) or any(is_zero3(p) for p in self.params)
 
     def leaf_of(self, p: Tensor) -> Tensor | None:
         """The leaf tensor whose gradient is ``p``'s whole gradient: ``p``'s unsharded stand-in, or ``p``.
 
-        None when the forward used a view of a larger tensor (FSDP1's flat parameter) or no alias
-        was recorded for a sharded ``p``.
+        None when the forward used a view of a larger tensor (FSDP1's flat parameter), under ZeRO-3
+        (its parameters are released after the first backward), or when no alias was recorded for a
+        sharded ``p``.
         """
         for alias in self._keep:
             if self.canon.get(id(alias)) == id(p):
                 return alias if isinstance(alias, Tensor) and alias.grad_fn is None else None
-        return None if is_dtensor(p) or is_fsdp1(p) else p
+        return None if is_dtensor(p) or is_fsdp1(p) or is_zero3(p) else p
 
     def shape(self, p: Tensor) -> torch.Size:
         """The whole shape of ``p`` (as the forward used it; a ZeRO-3 partition is empty outside it)."""

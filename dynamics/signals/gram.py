@@ -44,6 +44,7 @@ from dynamics.signals.products import (
     embedding_factor,
     linear_bias_grad,
     linear_weight_factor,
+    transposed_linear_weight_factor,
 )
 from dynamics.signals.sharding import can_gather, gathered, is_sharded
 
@@ -107,7 +108,7 @@ def compute_gram(
         known, store = _known_verdicts(memo, capture, pl)
         keep_graph = _may_fall_back(capture, pl, known, recompute)
         nonlocal_calls, verdicts = backward_to_outputs(
-            losses, pl.calls_needed, keep_graph, known, one_pass=capture.has_views
+            losses, pl.calls_needed, keep_graph, known, one_pass=capture.one_backward
         )
         if store is not None and verdicts is not None:
             store({call_key(c, capture): verdicts[id(c)] for c in pl.calls_needed})
@@ -166,9 +167,9 @@ def _factors_of(capture: Capture, p: Tensor, calls: list[ModuleCall]) -> tuple[l
     factors, dense = [], []
     for c in calls:
         names = capture.names_in(c.module, p)
-        if c.kind == "linear":
+        if c.kind in ("linear", "linear_t"):
             if "weight" in names:
-                factors.append(linear_weight_factor(c))
+                factors.append(linear_weight_factor(c) if c.kind == "linear" else transposed_linear_weight_factor(c))
             if "bias" in names:
                 dense.append(linear_bias_grad(c))
         elif c.kind == "conv":

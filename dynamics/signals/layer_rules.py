@@ -37,7 +37,7 @@ def _llama_rmsnorm_forward(self, hidden_states):  # reference code: must stay by
     return self.weight * hidden_states.to(input_dtype)
 
 
-def _same_code(f, g) -> bool:
+def same_code(f, g) -> bool:
     a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
     if a is None or b is None:
         return False
@@ -60,7 +60,7 @@ def rule_kind(module: nn.Module) -> str | None:
     if rms is not None and isinstance(module, rms) and forward is rms.forward and module.elementwise_affine:
         return "rmsnorm"
     if (
-        _same_code(forward, _llama_rmsnorm_forward)
+        same_code(forward, _llama_rmsnorm_forward)
         and isinstance(getattr(module, "weight", None), Tensor)
         and set(module._parameters) == {"weight"}
         and isinstance(getattr(module, "variance_epsilon", None), float)

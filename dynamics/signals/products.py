@@ -64,6 +64,14 @@ def linear_weight_factor(call: ModuleCall) -> Factored:
     )
 
 
+def transposed_linear_weight_factor(call: ModuleCall) -> Factored:
+    """Factors of ``g_i(W)`` for ``y = x W + b`` with ``W`` stored (in, out) (GPT-2's ``Conv1D``): ``a = x``, ``b = dy``."""
+    x = call.main_input().detach()
+    dy = call.dys[0]
+    n = x.shape[0]
+    return Factored(x.reshape(n, -1, x.shape[-1]), dy.reshape(n, -1, dy.shape[-1]), False, x.shape[-1])
+
+
 def linear_bias_grad(call: ModuleCall) -> Tensor:
     """``g_i(b) = sum_t dy_it`` (n, d_out)."""
     dy = call.dys[0]

@@ -55,10 +55,15 @@ def gathered(params: Sequence[Tensor]) -> Iterator[list[Tensor]]:
     if not any(is_sharded(p) for p in params):
         yield [p.detach() for p in params]
         return
-    zero3 = [p for p in params if is_zero3(p)]
+    # ZeRO-3 parameters still available after the probe's forward (their module's release runs only
+    # when the backward reaches its inputs) are whole already; gathering them again would fail on exit
+    zero3 = [p for p in params if is_zero3(p) and getattr(cast(Any, p).ds_status, "name", "") != "AVAILABLE"]
     if not can_gather(params):
         raise ValueError("an FSDP1 parameter cannot be gathered on its own")
-    if zero3:
+    if any(is_zero3(p) for p in params):
+        if not zero3:
+            yield [p.detach() for p in params]
+            return
         import deepspeed  # present wherever ZeRO-3 parameters exist
 
         with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):

@@ -65,12 +65,19 @@ def shard(model, mode: str, reshard: bool):
         policy = ModuleWrapPolicy({type(m) for m in units(model)})
         return FSDP(model, use_orig_params=True, auto_wrap_policy=policy, device_id=torch.device("cpu"))
     if mode == "zero3":
+        import sys
+
         import deepspeed
+        import deepspeed.comm.torch  # noqa: F401 - the module, not the torch attribute of deepspeed.comm
+
+        # its CPU shared-memory collectives need a C++ build (minutes); gloo's suffice here
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # type: ignore[attr-defined]
 
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
             "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+            "zero_allow_untested_optimizer": True,
         }
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         return engine.module
