@@ -169,7 +169,9 @@ def _factors_of(capture: Capture, p: Tensor, calls: list[ModuleCall]) -> tuple[l
         names = capture.names_in(c.module, p)
         if c.kind in ("linear", "linear_t"):
             if "weight" in names:
-                factors.append(linear_weight_factor(c) if c.kind == "linear" else transposed_linear_weight_factor(c))
+                factors.append(
+                    linear_weight_factor(c) if c.kind == "linear" else transposed_linear_weight_factor(c)
+                )
             if "bias" in names:
                 dense.append(linear_bias_grad(c))
         elif c.kind == "conv":
