@@ -286,9 +286,16 @@ def probe(
     hess = None
     with _probe_mode(model, device), torch.enable_grad():
         # Sharded parameters: even the exact path needs the hooks, to find the tensors FSDP unshards.
-        cap = Capture(model, plist) if method != "exact" or any(is_sharded(p) for p in plist) else None
-        with cap if cap is not None else nullcontext():
-            pel = per_example_losses(model, batch, loss)
+        cap = Capture(model, plist, n=n) if method != "exact" or any(is_sharded(p) for p in plist) else None
+        try:
+            with cap if cap is not None else nullcontext():
+                pel = per_example_losses(model, batch, loss)
+        except Exception:
+            if cap is None or not cap.expanded:
+                raise
+            cap = Capture(model, plist)  # the model's code rejected an expanded broadcast embedding
+            with cap:
+                pel = per_example_losses(model, batch, loss)
         if pel.losses.shape != (n,):
             raise ValueError(
                 f"the loss gives {tuple(pel.losses.shape)} per-example values but task_ids has n = {n}; "

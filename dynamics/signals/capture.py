@@ -34,8 +34,10 @@ from dynamics.signals.sharding import is_dtensor, is_fsdp1, is_zero3
 class Capture:
     """Forward hooks on the owners of ``params`` and their ancestors; use as a context manager."""
 
-    def __init__(self, model: nn.Module, params: list[Tensor]):
+    def __init__(self, model: nn.Module, params: list[Tensor], n: int | None = None):
         self.model = model
+        self.n = n  # examples: given, broadcast embedding lookups are expanded to n rows (see _hook)
+        self.expanded = 0
         self.params = params
         self.pids = {id(p) for p in params}
         self.calls: dict[int, list[ModuleCall]] = defaultdict(list)
@@ -79,7 +81,11 @@ class Capture:
             h.remove()
         self._handles.clear()
 
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        kind = module_kind(module)
+        replaced = False
+        if kind == "embedding" and self.n is not None and self.n > 1:
+            replaced, args, output = self._expand_broadcast(args, output)
         leaves = flat_leaves(output)
         grad_idx, edges = [], []
         for k, t in enumerate(leaves):
@@ -87,7 +93,7 @@ class Capture:
                 grad_idx.append(k)
                 edges.append(torch.autograd.graph.get_gradient_edge(t))
         if not edges:
-            return
+            return output if replaced else None
         used = {}
         for name, pid in self.slots.get(id(module), {}).items():
             t = getattr(module, name, None)
@@ -98,7 +104,7 @@ class Capture:
         self.calls[id(module)].append(
             ModuleCall(
                 module=module,
-                kind=module_kind(module),
+                kind=kind,
                 args=args,
                 kwargs=kwargs,
                 out_leaves=leaves,
@@ -110,6 +116,32 @@ class Capture:
                 used=used,
             )
         )
+        return output if replaced else None
+
+    def _expand_broadcast(self, args: tuple, output: Any) -> tuple[bool, tuple, Any]:
+        """An embedding looked up with ids shared by all examples (position ids of shape (1, T)).
+
+        Its output (1, T, d) is broadcast over the examples downstream, so its gradient is the sum
+        over examples and holds no per-example rows. Expanded to (n, T, d) (a view with the same
+        values, so the forward computes the same numbers), the broadcast happens inside autograd's
+        expand node instead, and the gradient at the expanded output has one row per example; the
+        ids are expanded alike, and the embedding takes the factored path like any other. Should
+        the model's code not accept the expanded shape, the probe runs the forward again without.
+        """
+        ids = args[0] if args else None
+        n = self.n
+        assert n is not None
+        if not (
+            isinstance(output, Tensor)
+            and isinstance(ids, Tensor)
+            and ids.dim() >= 1
+            and ids.shape[0] == 1
+            and output.dim() == ids.dim() + 1
+            and output.shape[0] == 1
+        ):
+            return False, args, output
+        self.expanded += 1
+        return True, (ids.expand(n, *ids.shape[1:]), *args[1:]), output.expand(n, *output.shape[1:])
 
     def _alias(self, t: Tensor, pid: int) -> None:
         """Map the tensor a module used to the chosen parameter it stands for (FSDP's unsharded one)."""
