@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.reference import ref_grads
-from tests.signals.signals_helpers import build
 from torch import nn
 from torch.nn import functional as F
 
 from dynamics import probe
+from tests.reference import ref_grads
+from tests.signals.signals_helpers import build
 
 N, D = 6, 5
 
