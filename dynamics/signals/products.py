@@ -29,6 +29,8 @@ the same factors: ``<g_i, D> = sum_t <a_it, D b_it>`` (``D[u_it] . b_it`` for on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +44,26 @@ CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost product
 MATERIALIZE_ELEMENTS = 1 << 26  # largest block of materialised per-example gradients (elements)
 PRUNE_RATIO = 8  # count non-zero token rows only if ghost products are within this factor
 DIRECT_GRAM = 1 << 14  # per-example sizes from which a block's Gram is taken at once, not batched
+
+
+@contextmanager
+def block_limits(elements: int) -> Iterator[None]:
+    """Cap the probe's working blocks at ``elements`` each (ghost token-pair blocks, materialised
+    per-example gradient blocks, pending dense gradients), e.g. ``with block_limits(1 << 22): probe(...)``.
+
+    The Gram is the same sum of block Grams whatever the block size, so only memory and speed change:
+    smaller blocks lower the probe's extra peak (down to the captured output gradients, which
+    the training step holds as well) at the cost of more, smaller products.
+    """
+    global CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS
+    if elements < 1:
+        raise ValueError(f"elements must be >= 1, got {elements}")
+    saved = CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS
+    CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS = min(CHUNK_ELEMENTS, elements), min(MATERIALIZE_ELEMENTS, elements)
+    try:
+        yield
+    finally:
+        CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS = saved
 
 
 @dataclass

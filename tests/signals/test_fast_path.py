@@ -223,3 +223,17 @@ def test_blocked_materialisation(family, monkeypatch):
     np.testing.assert_allclose(blocked.direction_cosine.numpy(), whole.direction_cosine.numpy(), rtol=1e-10)
     G, _, _ = ref_grads(model, batch, list(model.parameters()), kind)
     np.testing.assert_allclose(blocked.gram.numpy(), G @ G.T, rtol=1e-8, atol=1e-12 * np.abs(G @ G.T).max())
+
+
+@pytest.mark.parametrize("method", ["ghost", "materialize"])
+def test_small_block_limits_give_the_same_gram(method):
+    """Capped blocks (``products.block_limits``) change memory only: the Gram is the brute-force one."""
+    from dynamics.signals.products import block_limits
+
+    model, batch, task_ids, _ = build("llava")
+    params = [p for p in model.parameters() if p.requires_grad]
+    G, _, _ = ref_grads(model, batch, params, "causal_lm")
+    with block_limits(1 << 10):
+        res = probe(model, batch, task_ids=task_ids, method=method)
+    K = G @ G.T
+    np.testing.assert_allclose(res.gram.numpy(), K, rtol=1e-9, atol=1e-12 * np.abs(K).max())
