@@ -109,6 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from benchmarks_common import peak_memory
+
     from dynamics import probe
 
     model, batch, task_ids = build(args)
@@ -233,24 +235,6 @@ def main() -> None:
                 f"probe's peak extra memory over a training step: {extra['probe_cold']:.2f} MB cold, "
                 f"{extra['probe']:.2f} MB cached"
             )
-
-
-def peak_memory(fn) -> int | None:
-    """Peak bytes of CPU tensors alive during ``fn`` above those at its start (PyTorch memory profiler)."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-        from torch.profiler._memory_profiler import MemoryProfileTimeline
-
-        with profile(
-            activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-        ) as prof:
-            fn()
-        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline("cpu")
-    except Exception as err:  # private API: report rather than fail the timing run
-        print(f"(memory profile unavailable: {type(err).__name__}: {err})")
-        return None
-    totals = [sum(s) for s in sizes]
-    return max(totals) - totals[0]
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from dynamics.signals.gram import METHODS, compute_gram
 from dynamics.signals.hessian import hessian_top_eigenvalue
 from dynamics.signals.losses import LossSpec, per_example_losses
 from dynamics.signals.noise_scale import noise_scale
+from dynamics.signals.sharding import is_sharded, unsupported_reason
 from dynamics.signals.spectrum import FisherSpectrum, fisher_spectrum
 
 Row = tuple[int, str, str, str, float]
@@ -147,16 +148,18 @@ class ProbeResult:
         return rows
 
 
-def _check_whole(chosen: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
-    """Refuse sharded parameters: their local gradients are not the per-example gradients."""
-    for name, p in chosen:
-        kinds = {c.__name__ for c in type(p).__mro__}
-        if getattr(p, "_is_flat_param", False) or hasattr(p, "ds_id") or "DTensor" in kinds:
-            raise ValueError(
-                f"parameter {name!r} is sharded (FSDP / DeepSpeed ZeRO-3): per-example gradient signals "
-                "need whole parameters. Log per-task losses only under sharding, or probe the model "
-                "unsharded (single process or DDP, passing the unwrapped module)."
-            )
+def _check_shardable(model: nn.Module, chosen: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    """Refuse parameter layouts the probe cannot see whole (tensor parallelism, FSDP1 flat parameters).
+
+    FSDP2, FSDP1 with ``use_orig_params=True`` and ZeRO-3 are fine: the products need only the
+    layers' inputs and output gradients (:mod:`~dynamics.signals.sharding`).
+    """
+    reason = unsupported_reason(model, [p for _, p in chosen])
+    if reason is not None:
+        raise ValueError(
+            f"cannot probe this model: {reason}. Log per-task losses only, or probe the model unsharded "
+            "(single process or DDP, passing the unwrapped module)."
+        )
     return chosen
 
 
@@ -356,8 +359,10 @@ def probe(
     if int(task_ids.min()) < 0:
         raise ValueError("task_ids must be >= 0")
     names = _task_names(task_ids, tasks)
-    chosen = _check_whole(_resolve_params(model, params))
+    chosen = _check_shardable(model, _resolve_params(model, params))
     plist = [p for _, p in chosen]
+    if hessian and any(is_sharded(p) for p in plist):
+        raise ValueError("hessian=True needs whole parameters; under FSDP / ZeRO-3 probe with hessian=False")
     pname = {id(p): n for n, p in chosen}
     dir_map = _resolve_direction(direction, chosen)
     n = task_ids.shape[0]
@@ -365,9 +370,17 @@ def probe(
 
     hess = None
     with _probe_mode(model, device), torch.enable_grad():
-        cap = Capture(model, plist) if method != "exact" else None
-        with cap if cap is not None else nullcontext():
-            pel = per_example_losses(model, batch, loss)
+        # Sharded parameters: even the exact path needs the hooks, to find the tensors FSDP unshards.
+        cap = Capture(model, plist, n=n) if method != "exact" or any(is_sharded(p) for p in plist) else None
+        try:
+            with cap if cap is not None else nullcontext():
+                pel = per_example_losses(model, batch, loss)
+        except Exception:
+            if cap is None or not cap.expanded:
+                raise
+            cap = Capture(model, plist)  # the model's code rejected an expanded broadcast embedding
+            with cap:
+                pel = per_example_losses(model, batch, loss)
         if pel.losses.shape != (n,):
             raise ValueError(
                 f"the loss gives {tuple(pel.losses.shape)} per-example values but task_ids has n = {n}; "

@@ -1,5 +1,5 @@
 """torch.distributed helpers for the recorder: who writes, how per-task sums are reduced, and
-whether parameters are sharded (FSDP, DeepSpeed ZeRO-3) so that probes must be switched off.
+whether the parameter layout (tensor parallelism, FSDP1 flat parameters) rules probes out.
 
 Every function works without an initialised process group (single process), so the same code
 path serves a laptop run and a torchrun job.
@@ -84,32 +84,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def sharding_reason(model: nn.Module | None, trainer: object | None = None) -> str | None:
-    """Why a probe cannot see whole parameters on this rank, or ``None`` if it can.
+    """Why a probe cannot see the parameters it needs on this rank, or ``None`` if it can.
 
-    FSDP (1 and 2) and DeepSpeed ZeRO-3 keep only a shard of every parameter on each rank: a
-    per-example gradient computed locally is a shard too, so every inner product (the Gram matrix,
-    gradient norms, cosines) would silently be wrong. ZeRO-1/2 shard only optimizer state and
-    gradients after reduction, so parameters are whole and probes are exact.
+    FSDP2 (``fully_shard``), FSDP1 with ``use_orig_params=True`` and DeepSpeed ZeRO-3 are fine: the
+    probe's products need only the layers' inputs and output gradients, whole on every rank, and
+    the few parameters a module-local re-run or exact autograd needs are gathered (or left out,
+    named in the coverage). Every rank must then run the probe on the same batch (its forward and
+    backward are collectives). Not supported (a reason is returned): tensor / sequence parallelism
+    (DTensor parameters without FSDP2, or sharded along another dimension) and FSDP1 with flat
+    parameters (``use_orig_params=False``). See :func:`dynamics.signals.sharding.unsupported_reason`.
+    ``trainer`` is accepted for callers that pass it; the model decides.
     """
-    if trainer is not None:
-        if getattr(trainer, "is_fsdp_enabled", False):
-            return "parameters are sharded by FSDP"
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            plugin = getattr(
-                getattr(getattr(trainer, "accelerator", None), "state", None), "deepspeed_plugin", None
-            )
-            if getattr(plugin, "zero_stage", None) == 3:
-                return "parameters are partitioned by DeepSpeed ZeRO-3"
     if model is None:
         return None
-    for module in model.modules():
-        name = type(module).__name__
-        if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
-            return "parameters are sharded by FSDP"
-    for p in model.parameters():
-        if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
-            return "parameters are partitioned by DeepSpeed ZeRO-3"
-        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
-            return "parameters are sharded DTensors (FSDP2 / tensor parallel)"
-        break  # one parameter is enough: sharding wraps all of them alike
-    return None
+    from dynamics.signals.sharding import unsupported_reason
+
+    return unsupported_reason(model)

@@ -62,6 +62,7 @@ def rows_local(dy_weighted: Tensor | None, dy_unit: Tensor | None, weights: Tens
         return True
     if dy_unit is None or dy_weighted is None:
         other = dy_weighted if dy_unit is None else dy_unit
+        assert other is not None
         return not bool(other.any())
     n = weights.shape[0]
     if dy_unit.shape != dy_weighted.shape or dy_unit.dim() == 0 or dy_unit.shape[0] != n:

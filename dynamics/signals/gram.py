@@ -21,37 +21,44 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dynamics.signals.axis_cache import AxisMemo
-from dynamics.signals.capture import (
-    Capture,
-    backward_to_outputs,
-    call_key,
-    forward_structure,
-    module_kind,
-    plan,
-)
+from dynamics.signals.backward import backward_to_outputs
+from dynamics.signals.cache_key import call_key, forward_structure
+from dynamics.signals.calls import ModuleCall
+from dynamics.signals.capture import Capture
 from dynamics.signals.gram_exact import per_example_grads
+from dynamics.signals.layer_kinds import module_kind
 from dynamics.signals.layer_rules import rule_kind, rule_per_example_grads
 from dynamics.signals.module_grads import module_per_example_grads
+from dynamics.signals.plan import NO_GRAD_MESSAGE, Plan, plan
 from dynamics.signals.products import (
+    Factored,
     GramBuilder,
     conv_bias_grad,
     conv_weight_factor,
     embedding_factor,
     linear_bias_grad,
     linear_weight_factor,
+    transposed_linear_weight_factor,
 )
+from dynamics.signals.sharding import can_gather, gathered, is_sharded
 
 METHODS = ("auto", "ghost", "materialize", "exact")
 
 
 @dataclass
 class GramResult:
-    """``gram`` (n x n float64), ``example_dots`` (n,) ``<g_i, d>`` or None, ``paths``: param ids by path."""
+    """``gram`` (n x n float64), ``example_dots`` (n,) ``<g_i, d>`` or None, ``paths``: param ids by path.
+
+    ``paths["left_out"]``: sharded parameters that only exact autograd could cover; they are not
+    part of ``gram`` (the exact path would need whole parameters and a per-example backward
+    through the sharded model).
+    """
 
     gram: Tensor
     example_dots: Tensor | None
@@ -77,117 +84,211 @@ def compute_gram(
     Given it, the graph of ``losses`` is freed by the backward pass whenever no verdict sends a
     parameter to exact autograd (with all verdicts known); should a module re-run then fail its
     check, the exact fallback runs on recomputed losses.
+
+    Steps: :func:`~.plan.plan` the paths; look up known verdicts; one backward pass to the captured
+    outputs (two without verdicts); factored products; module-local gradients; exact autograd for
+    the rest.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if capture is None and method != "exact":
         raise ValueError("the fast path needs the forward pass to run inside a Capture")
     n = losses.shape[0]
-    total = losses.sum()
-    fast = method != "exact"
     builder = GramBuilder(n, losses.device, "auto" if method in ("auto", "exact") else method)
     direction = direction or {}
-
-    if fast:
-        pl = plan(capture, total, n, allow_fast=True)
+    paths: dict[str, list[int]] = {"rule": [], "module": [], "exact": [], "unused": [], "left_out": []}
+    freed = False
+    if capture is None:
+        if losses.sum().grad_fn is None:
+            raise ValueError(NO_GRAD_MESSAGE)
+        exact_params = list(params)
     else:
-        if total.grad_fn is None:
-            raise ValueError(
-                "the probe loss does not depend on any parameter that requires grad; "
-                "check `params` and that the model's parameters have requires_grad=True"
-            )
-        pl = None
-    paths: dict[str, list[int]] = {"rule": [], "module": [], "exact": [], "unused": []}
-
-    if pl is not None:
+        pl = plan(capture, losses.sum(), n, allow_fast=method != "exact")
         paths["unused"] = [id(p) for p in pl.unused]
-        known: dict[int, bool] | None = None
-        structure = modules = None
-        if memo is not None:
-            structure, modules = forward_structure(capture, pl)
-            cached = memo.lookup(structure, modules)
-            if cached is not None:
-                keys = {id(c): call_key(c, capture) for c in pl.calls_needed}
-                if all(k in cached for k in keys.values()):
-                    known = {cid: cached[k] for cid, k in keys.items()}
-        # The exact fallback needs the graph for whatever fails a check; it is freed during the
-        # backward (less memory) only when the known verdicts send nothing there and a module
-        # re-run that fails its check can have the losses recomputed.
-        may_fall_back = (
-            bool(pl.exact)
-            or known is None
-            or not all(known.values())
-            or (
-                recompute is None
-                and any(not (rule_kind(m) and _direct(m, ps)) for m, ps in pl.module.values())
-            )
+        known, store = _known_verdicts(memo, capture, pl)
+        keep_graph = _may_fall_back(capture, pl, known, recompute)
+        nonlocal_calls, verdicts = backward_to_outputs(
+            losses, pl.calls_needed, keep_graph, known, one_pass=capture.one_backward
         )
-        nonlocal_calls, verdicts = backward_to_outputs(losses, pl.calls_needed, may_fall_back, known)
-        if memo is not None and verdicts is not None:
-            memo.store(structure, modules, {call_key(c, capture): verdicts[id(c)] for c in pl.calls_needed})
-        by_id = {id(p): p for p in params}
+        if store is not None and verdicts is not None:
+            store({call_key(c, capture): verdicts[id(c)] for c in pl.calls_needed})
         exact_params = list(pl.exact)
-        for pid, calls in pl.factored.items():
-            p = by_id[pid]
-            if any(id(c) in nonlocal_calls for c in calls):
-                exact_params.append(p)
-                continue
-            factors, dense = [], []
-            for c in calls:
-                m = c.module
-                if c.kind == "linear":
-                    if m.weight is p:
-                        factors.append(linear_weight_factor(c))
-                    if getattr(m, "bias", None) is p:
-                        dense.append(linear_bias_grad(c))
-                elif c.kind == "conv":
-                    if m.weight is p:
-                        factors.append(conv_weight_factor(c))
-                    if getattr(m, "bias", None) is p:
-                        dense.append(conv_bias_grad(c))
-                else:
-                    factors.append(embedding_factor(c))
-            builder.add_factored(pid, p.shape, factors, dense, direction.get(pid))
-        for module, ps in pl.module.values():
-            calls = [c for c in capture.calls.get(id(module), []) if c.live]
-            if any(id(c) in nonlocal_calls for c in calls):
-                exact_params.extend(ps)
-                continue
-            kind = module_kind(module)
-            if rule_kind(module) and _direct(module, ps):
-                grads = rule_per_example_grads(module, kind, ps, calls, n)
-                path = "rule"
-            else:
-                names = [capture.param_name(module, p) for p in ps]
-                grads = module_per_example_grads(module, names, ps, calls, n)
-                path = "module"
-            if grads is None:  # the per-example re-run did not reproduce the module's outputs
-                exact_params.extend(ps)
-                continue
-            for p, g in zip(ps, grads, strict=True):
-                builder.add_dense(g, direction.get(id(p)))
-                paths[path].append(id(p))
+        exact_params += _add_factored(builder, capture, pl, params, nonlocal_calls, direction)
+        exact_params += _add_modules(builder, capture, pl, nonlocal_calls, direction, paths)
         for calls in capture.calls.values():
             for c in calls:
                 c.dys = []  # free the output gradients early
-    else:
-        exact_params = list(params)
-
-    if exact_params:
-        if pl is not None and not may_fall_back:
-            assert recompute is not None, "the graph was freed although a parameter needs exact autograd"
-            losses = recompute()  # rare: a module re-run failed after the graph was freed
-        for p, g in zip(exact_params, per_example_grads(losses, exact_params), strict=True):
-            builder.add_dense(g, direction.get(id(p)))
-            paths["exact"].append(id(p))
-
+        freed = not keep_graph
+    _add_exact(builder, losses, exact_params, capture, direction, paths, recompute if freed else None, freed)
     gram = builder.finish()
     paths["ghost"] = builder.paths["ghost"]
     paths["materialized"] = builder.paths["materialized"]
-    has_dir = bool(direction)
-    return GramResult(gram, builder.dots if has_dir else None, paths, builder.eps)
+    return GramResult(gram, builder.dots if direction else None, paths, builder.eps)
 
 
-def _direct(module, ps: list[Tensor]) -> bool:
+def _known_verdicts(
+    memo: AxisMemo | None, capture: Capture, pl: Plan
+) -> tuple[dict[int, bool] | None, Callable[[dict[Any, bool]], None] | None]:
+    """Verdicts by ``id(call)`` from an earlier probe of the same inputs (None unless all are known),
+    and how to store new ones (None without a memo)."""
+    if memo is None:
+        return None, None
+    structure, modules = forward_structure(capture, pl)
+    known = None
+    cached = memo.lookup(structure, modules)
+    if cached is not None:
+        keys = {id(c): call_key(c, capture) for c in pl.calls_needed}
+        if all(k in cached for k in keys.values()):
+            known = {cid: cached[k] for cid, k in keys.items()}
+    return known, lambda verdicts: memo.store(structure, modules, verdicts)
+
+
+def _may_fall_back(
+    capture: Capture, pl: Plan, known: dict[int, bool] | None, recompute: Callable[[], Tensor] | None
+) -> bool:
+    """Whether the graph must outlive the backward pass: the exact fallback may need it.
+
+    It is freed during the backward (less memory) only when the known verdicts send nothing to
+    the exact path and a module re-run that fails its check can have the losses recomputed.
+    """
+    return (
+        bool(pl.exact)
+        or known is None
+        or not all(known.values())
+        or (
+            recompute is None
+            and any(not (rule_kind(m) and _direct(m, ps, capture)) for m, ps in pl.module.values())
+        )
+    )
+
+
+def _factors_of(capture: Capture, p: Tensor, calls: list[ModuleCall]) -> tuple[list[Factored], list[Tensor]]:
+    """The factored terms (weights, embeddings) and dense terms (biases) of ``g_i(p)`` over ``calls``."""
+    factors, dense = [], []
+    for c in calls:
+        names = capture.names_in(c.module, p)
+        if c.kind in ("linear", "linear_t"):
+            if "weight" in names:
+                factors.append(
+                    linear_weight_factor(c) if c.kind == "linear" else transposed_linear_weight_factor(c)
+                )
+            if "bias" in names:
+                dense.append(linear_bias_grad(c))
+        elif c.kind == "conv":
+            if "weight" in names:
+                factors.append(conv_weight_factor(c))
+            if "bias" in names:
+                dense.append(conv_bias_grad(c))
+        else:
+            factors.append(embedding_factor(c))
+    return factors, dense
+
+
+def _add_factored(
+    builder: GramBuilder,
+    capture: Capture,
+    pl: Plan,
+    params: list[Tensor],
+    nonlocal_calls: set[int],
+    direction: dict[int, Tensor],
+) -> list[Tensor]:
+    """Add the factored parameters' blocks; returns those whose calls failed the axis check."""
+    by_id = {id(p): p for p in params}
+    failed = []
+    for pid, calls in pl.factored.items():
+        p = by_id[pid]
+        if any(id(c) in nonlocal_calls for c in calls):
+            failed.append(p)
+            continue
+        factors, dense = _factors_of(capture, p, calls)
+        builder.add_factored(pid, capture.shape(p), factors, dense, direction.get(pid))
+    return failed
+
+
+def _add_modules(
+    builder: GramBuilder,
+    capture: Capture,
+    pl: Plan,
+    nonlocal_calls: set[int],
+    direction: dict[int, Tensor],
+    paths: dict[str, list[int]],
+) -> list[Tensor]:
+    """Add the parameters of the module path (closed-form rules, module-local vjp); returns the failures."""
+    failed: list[Tensor] = []
+    n = builder.n
+    for module, ps in pl.module.values():
+        calls = pl.live_calls(capture, module)
+        if any(id(c) in nonlocal_calls for c in calls):
+            failed.extend(ps)
+            continue
+        grads: list[Tensor] | None
+        if rule_kind(module) and _direct(module, ps, capture):
+            names = [capture.names_in(module, p)[0] for p in ps]
+            shapes = [capture.shape(p) for p in ps]
+            grads = rule_per_example_grads(
+                module, module_kind(module), ps, calls, n, names=names, shapes=shapes
+            )
+            path = "rule"
+        else:
+            names = [capture.param_name(module, p) for p in ps]
+            others = [(k, q) for k, q in module.named_parameters() if k not in names]
+            if not can_gather([*ps, *(q for _, q in others)]):
+                failed.extend(ps)
+                continue
+            if any(is_sharded(q) for q in [*ps, *(q for _, q in others)]):
+                # a sharded module's re-run needs all its parameters whole (a collective, same on every rank)
+                with gathered([*ps, *(q for _, q in others)]) as whole:
+                    fixed = {k: w for (k, _), w in zip(others, whole[len(ps) :], strict=True)}
+                    grads = module_per_example_grads(module, names, whole[: len(ps)], calls, n, fixed)
+            else:
+                grads = module_per_example_grads(module, names, ps, calls, n)
+            path = "module"
+        if grads is None:  # the per-example re-run did not reproduce the module's outputs
+            failed.extend(ps)
+            continue
+        for p, g in zip(ps, grads, strict=True):
+            builder.add_dense(g, direction.get(id(p)))
+            paths[path].append(id(p))
+    return failed
+
+
+def _add_exact(
+    builder: GramBuilder,
+    losses: Tensor,
+    params: list[Tensor],
+    capture: Capture | None,
+    direction: dict[int, Tensor],
+    paths: dict[str, list[int]],
+    recompute: Callable[[], Tensor] | None,
+    freed: bool,
+) -> None:
+    """Exact per-example autograd for ``params``.
+
+    A sharded parameter is differentiated through the tensor its module used in the forward (the
+    unsharded FSDP2 parameter; the ZeRO-3 parameter itself); one without such a leaf (FSDP1's flat
+    parameter views) is left out of ``K`` (``paths["left_out"]``).
+    """
+    targets = []
+    for p in params:
+        leaf = capture.leaf_of(p) if capture is not None and is_sharded(p) else p
+        if leaf is None:
+            paths["left_out"].append(id(p))
+        else:
+            targets.append((p, leaf))
+    if not targets:
+        return
+    if freed:
+        assert recompute is not None, "the graph was freed although a parameter needs exact autograd"
+        losses = recompute()  # rare: a module re-run failed after the graph was freed
+    for (p, _), g in zip(targets, per_example_grads(losses, [leaf for _, leaf in targets]), strict=True):
+        builder.add_dense(g.reshape(builder.n, *capture_shape(capture, p)), direction.get(id(p)))
+        paths["exact"].append(id(p))
+
+
+def capture_shape(capture: Capture | None, p: Tensor) -> torch.Size:
+    return p.shape if capture is None else capture.shape(p)
+
+
+def _direct(module: nn.Module, ps: list[Tensor], capture: Capture) -> bool:
     """Whether the module owns every parameter in ``ps`` itself (the closed-form rules need that)."""
-    return all(any(p is q for q in module._parameters.values()) for p in ps)
+    return all(capture.names_in(module, p) for p in ps)

@@ -29,6 +29,7 @@ def per_example_grads(losses: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     if not params:
         return []
     eye = torch.eye(n, dtype=losses.dtype, device=losses.device)
+    grads: Sequence[Tensor | None]
     try:
         grads = torch.autograd.grad(
             losses,
@@ -43,10 +44,11 @@ def per_example_grads(losses: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
         rows: list[list[Tensor | None]] = []
         for i in range(n):
             rows.append(list(torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)))
-        grads = []
+        stacked = []
         for k, p in enumerate(params):
-            per = [r[k] if r[k] is not None else torch.zeros_like(p) for r in rows]
-            grads.append(torch.stack(per))
+            per = [g if (g := r[k]) is not None else torch.zeros_like(p) for r in rows]
+            stacked.append(torch.stack(per))
+        grads = stacked
     return [
         torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) if g is None else g.detach()
         for g, p in zip(grads, params, strict=True)

@@ -20,14 +20,13 @@ every dimension except the normalised / channel ones), per example ``i``:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:
-    from dynamics.signals.capture import ModuleCall
+from dynamics.signals.calls import ModuleCall
 
 
 def _llama_rmsnorm_forward(self, hidden_states):  # reference code: must stay byte-identical
@@ -38,7 +37,7 @@ def _llama_rmsnorm_forward(self, hidden_states):  # reference code: must stay by
     return self.weight * hidden_states.to(input_dtype)
 
 
-def _same_code(f, g) -> bool:
+def same_code(f, g) -> bool:
     a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
     if a is None or b is None:
         return False
@@ -61,7 +60,7 @@ def rule_kind(module: nn.Module) -> str | None:
     if rms is not None and isinstance(module, rms) and forward is rms.forward and module.elementwise_affine:
         return "rmsnorm"
     if (
-        _same_code(forward, _llama_rmsnorm_forward)
+        same_code(forward, _llama_rmsnorm_forward)
         and isinstance(getattr(module, "weight", None), Tensor)
         and set(module._parameters) == {"weight"}
         and isinstance(getattr(module, "variance_epsilon", None), float)
@@ -70,7 +69,7 @@ def rule_kind(module: nn.Module) -> str | None:
     return None
 
 
-def _normalised(module: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+def _normalised(module: Any, kind: str, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     """``xhat`` and the dims to sum over (all but the batch and the parameter's dims)."""
     if kind == "layernorm":
         shape = tuple(module.normalized_shape)
@@ -89,18 +88,34 @@ def _normalised(module: nn.Module, kind: str, x: Tensor) -> tuple[Tensor, tuple[
 
 
 def rule_per_example_grads(
-    module: nn.Module, kind: str, params: Sequence[Tensor], calls: Sequence[ModuleCall], n: int
+    module: nn.Module,
+    kind: str,
+    params: Sequence[Tensor],
+    calls: Sequence[ModuleCall],
+    n: int,
+    *,
+    names: Sequence[str],
+    shapes: Sequence[torch.Size],
 ) -> list[Tensor]:
-    """Per-example gradients ``(n, *p.shape)`` of the module's ``weight`` / ``bias`` over its calls."""
-    out = {id(p): torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for p in params}
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    """Per-example gradients ``(n, *shape)`` of the module's ``weight`` / ``bias`` over its calls.
+
+    ``names`` are the parameters' attribute names in ``module`` (``"weight"`` or ``"bias"``) and
+    ``shapes`` their whole shapes (a sharded parameter's own shape is that of its shard).
+    """
+    out = [
+        torch.zeros((n, *shape), dtype=p.dtype, device=dy_device(calls, p))
+        for p, shape in zip(params, shapes, strict=True)
+    ]
     for call in calls:
         x = call.main_input().detach()
         dy = call.dys[0]
         xhat, dims = _normalised(module, kind, x)
-        if weight is not None and id(weight) in out:
-            g = dy * xhat
-            out[id(weight)] += (g.sum(dims) if dims else g).to(weight.dtype)
-        if bias is not None and id(bias) in out:
-            out[id(bias)] += (dy.sum(dims) if dims else dy).to(bias.dtype)
-    return [out[id(p)] for p in params]
+        for k, name in enumerate(names):
+            g = dy * xhat if name == "weight" else dy
+            out[k] += (g.sum(dims) if dims else g).to(out[k].dtype)
+    return out
+
+
+def dy_device(calls: Sequence[ModuleCall], p: Tensor) -> torch.device:
+    """Where the per-example gradients live: with the output gradients (a DTensor's device is its mesh's)."""
+    return calls[0].dys[0].device if calls and calls[0].dys else p.device

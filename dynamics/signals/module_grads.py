@@ -16,23 +16,30 @@ outputs (:func:`~.example_axis.reproduces`); where it does not, or where the mod
 one example at a time at all (e.g. a vision tower fed patches flattened across images), the result
 is None and the caller falls back to exact autograd.
 The parameters are passed as detached aliases, so ``p.grad`` and the module are left untouched.
+``fixed`` passes whole values for the module's other parameters (gathered under sharding, where
+the registered ones are shards).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from dynamics.signals.capture import ModuleCall, flat_leaves
+from dynamics.signals.calls import ModuleCall, flat_leaves
 from dynamics.signals.example_axis import reproduces
 
 
 def call_per_example_grads(
-    module: nn.Module, names: Sequence[str], params: Sequence[Tensor], call: ModuleCall, n: int
+    module: nn.Module,
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    call: ModuleCall,
+    n: int,
+    fixed: Mapping[str, Tensor] | None = None,
 ) -> list[Tensor] | None:
     """``[G_p]`` (each ``(n, *p.shape)``) for one call, by vmapped vjp or, failing that, a loop.
 
@@ -52,7 +59,7 @@ def call_per_example_grads(
         for k, x in zip(batched, xs_i, strict=True):
             lv[k] = x.unsqueeze(0) if add_batch_dim else x
         args, kwargs = tree_unflatten(lv, spec)
-        out = torch.func.functional_call(module, theta, tuple(args), kwargs)
+        out = torch.func.functional_call(module, {**constants, **theta}, tuple(args), kwargs)
         out_leaves = flat_leaves(out)
         return tuple(out_leaves[k] for k in call.grad_idx)
 
@@ -63,11 +70,12 @@ def call_per_example_grads(
         )
 
     theta = {name: p.detach() for name, p in zip(names, params, strict=True)}
+    constants = {k: v for k, v in (fixed or {}).items() if k not in theta}
 
     def one(
         xs_i: tuple[Tensor, ...], dys_i: tuple[Tensor, ...]
     ) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
-        outs, vjp_fn = torch.func.vjp(lambda th: run(th, xs_i, True), theta)
+        outs, vjp_fn = torch.func.vjp(lambda th: run(th, xs_i, True), theta)  # type: ignore[misc]
         return vjp_fn(tuple(d.unsqueeze(0) for d in dys_i))[0], tuple(o.squeeze(0) for o in outs)
 
     try:
@@ -95,7 +103,7 @@ def call_per_example_grads(
                         allow_unused=True,
                     )
                 else:
-                    gs = [None] * len(names)
+                    gs = tuple(torch.zeros_like(p) for p in params)
         except Exception:  # noqa: BLE001 - the module cannot be re-run one example at a time
             return None
         for k, (gk, p) in enumerate(zip(gs, params, strict=True)):
@@ -104,12 +112,17 @@ def call_per_example_grads(
 
 
 def module_per_example_grads(
-    module: nn.Module, names: Sequence[str], params: Sequence[Tensor], calls: Sequence[ModuleCall], n: int
+    module: nn.Module,
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    calls: Sequence[ModuleCall],
+    n: int,
+    fixed: Mapping[str, Tensor] | None = None,
 ) -> list[Tensor] | None:
     """Sum over the module's live calls of :func:`call_per_example_grads`; None if any call fails."""
     total: list[Tensor] | None = None
     for call in calls:
-        grads = call_per_example_grads(module, names, params, call, n)
+        grads = call_per_example_grads(module, names, params, call, n, fixed)
         if grads is None:
             return None
         total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]

@@ -29,18 +29,41 @@ the same factors: ``<g_i, D> = sum_t <a_it, D b_it>`` (``D[u_it] . b_it`` for on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from dynamics.signals.capture import ModuleCall
+from dynamics.signals.calls import ModuleCall
 
 CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost products
 MATERIALIZE_ELEMENTS = 1 << 26  # largest block of materialised per-example gradients (elements)
 PRUNE_RATIO = 8  # count non-zero token rows only if ghost products are within this factor
 DIRECT_GRAM = 1 << 14  # per-example sizes from which a block's Gram is taken at once, not batched
+
+
+@contextmanager
+def block_limits(elements: int) -> Iterator[None]:
+    """Cap the probe's working blocks at ``elements`` each (ghost token-pair blocks, materialised
+    per-example gradient blocks, pending dense gradients), e.g. ``with block_limits(1 << 22): probe(...)``.
+
+    The Gram is the same sum of block Grams whatever the block size, so only memory and speed change:
+    smaller blocks lower the probe's extra peak (down to the captured output gradients, which
+    the training step holds as well) at the cost of more, smaller products.
+    """
+    global CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS
+    if elements < 1:
+        raise ValueError(f"elements must be >= 1, got {elements}")
+    saved = CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS
+    CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS = min(CHUNK_ELEMENTS, elements), min(MATERIALIZE_ELEMENTS, elements)
+    try:
+        yield
+    finally:
+        CHUNK_ELEMENTS, MATERIALIZE_ELEMENTS = saved
 
 
 @dataclass
@@ -63,6 +86,14 @@ def linear_weight_factor(call: ModuleCall) -> Factored:
     )
 
 
+def transposed_linear_weight_factor(call: ModuleCall) -> Factored:
+    """Factors of ``g_i(W)`` for ``y = x W + b`` with ``W`` stored (in, out) (GPT-2's ``Conv1D``): ``a = x``, ``b = dy``."""
+    x = call.main_input().detach()
+    dy = call.dys[0]
+    n = x.shape[0]
+    return Factored(x.reshape(n, -1, x.shape[-1]), dy.reshape(n, -1, dy.shape[-1]), False, x.shape[-1])
+
+
 def linear_bias_grad(call: ModuleCall) -> Tensor:
     """``g_i(b) = sum_t dy_it`` (n, d_out)."""
     dy = call.dys[0]
@@ -75,7 +106,7 @@ def conv_weight_factor(call: ModuleCall) -> Factored:
     A convolution is a Linear map on unfolded input patches: ``b`` = the patches (``F.unfold``,
     channel-major like the weight's ``(C_in, k_h, k_w)`` layout), ``a = dy`` at each output position.
     """
-    m = call.module
+    m: Any = call.module
     x = call.main_input().detach()
     dy = call.dys[0]
     n = x.shape[0]
@@ -107,10 +138,11 @@ def embedding_factor(call: ModuleCall) -> Factored:
     n = ids.shape[0]
     ids = ids.reshape(n, -1)
     dz = dz.reshape(n, ids.shape[1], dz.shape[-1])
-    pad = call.module.padding_idx
+    module: Any = call.module
+    pad = module.padding_idx
     if pad is not None:
         dz = dz * (ids != pad).unsqueeze(-1).to(dz.dtype)
-    return Factored(ids, dz, True, call.module.num_embeddings)
+    return Factored(ids, dz, True, module.num_embeddings)
 
 
 def _row_mask(f: Factored) -> Tensor:
@@ -204,7 +236,9 @@ class GramBuilder:
     ) -> None:
         """Add one parameter whose per-example gradient is ``sum(factors) + sum(dense)``."""
         if dense:
-            total = sum(dense)
+            total = dense[0]
+            for extra in dense[1:]:
+                total = total + extra
             for f in factors:
                 m = self._materialize(f)
                 total = total + m.reshape(total.shape)
@@ -283,6 +317,7 @@ class GramBuilder:
             if dmat is not None:
                 d = dmat[:, sl] if by_cols else dmat[sl]
                 d = d.T if swap else d
+            assert total is not None
             self.add_dense(total, d)
 
     def _materialize(

@@ -10,26 +10,26 @@ import weakref
 
 import numpy as np
 import pytest
-from tests import tiny_models as tm
 import torch
-from tests.reference import ref_grads
 
-import dynamics.signals.capture as capture_mod
+import dynamics.signals.backward as backward_mod
 from dynamics import probe
 from dynamics.signals import axis_cache
+from tests import tiny_models as tm
+from tests.reference import ref_grads
 
 
 @pytest.fixture
 def weighted_passes(monkeypatch):
     """Counts the locality check's weighted backward passes (each one draws the check weights)."""
     count = {"n": 0}
-    real = capture_mod.check_weights
+    real = backward_mod.check_weights
 
     def counting(n, like):
         count["n"] += 1
         return real(n, like)
 
-    monkeypatch.setattr(capture_mod, "check_weights", counting)
+    monkeypatch.setattr(backward_mod, "check_weights", counting)
     return count
 
 

@@ -1,0 +1,137 @@
+"""The plan: which path computes the per-example gradients ``g_i(p)`` of each chosen parameter.
+
+1. ``factored``: every live call that uses ``p`` is a stock ``nn.Linear`` / ``nn.Embedding`` /
+   ``nn.Conv1d/2d`` call on a batch-first input; ``g_i`` is a sum over tokens (positions) of outer
+   products (see :mod:`.products`);
+2. ``module``: otherwise, the innermost captured module (the owner itself for norms,
+   ``class_embedding`` and the like, or an ancestor, e.g. for an embedding applied to broadcast
+   position ids) whose calls are batch-first and contain every use of ``p``; per-example gradients
+   come from a closed form for normalisation layers (:mod:`.layer_rules`) or a vector-Jacobian
+   product of that module alone (:mod:`.module_grads`);
+3. ``exact``: per-example autograd through the whole model (:mod:`.gram_exact`).
+
+"Every use of ``p``" is checked on the autograd graph, not assumed (:mod:`.graph`): the number of
+graph edges into ``p``'s gradient accumulator reachable from the loss must equal the number found
+inside the covering calls (each traversed from its outputs back to its inputs). A parameter used
+anywhere else (a tied weight read directly by a parent module, a ``ParameterDict``) therefore fails
+the check and moves down the list instead of getting a silently wrong gradient.
+
+"Batch-first" means dimension 0 of the call's input and output tensors indexes the probe's examples
+in order (inputs with another leading size are treated as shared by all examples). The shapes are
+only the first test (:meth:`~.calls.ModuleCall.batch_first`); agreeing shapes can be a coincidence
+(``n`` images that are not one per example, patches flattened across images), so the example axis
+is then verified (:mod:`.example_axis`): :func:`~.backward.backward_to_outputs` checks that every
+row of a captured output influences only its own example's loss, and the module path checks that
+its per-example re-runs reproduce the recorded outputs. A parameter whose calls fail either check
+goes to the exact path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from dynamics.signals.calls import ModuleCall
+from dynamics.signals.capture import Capture
+from dynamics.signals.graph import graph_edge_counts
+from dynamics.signals.layer_kinds import FACTORED_KINDS, contains_unsupported
+
+NO_GRAD_MESSAGE = (
+    "the probe loss does not depend on any parameter that requires grad; "
+    "check `params` and that the model's parameters have requires_grad=True"
+)
+
+
+@dataclass
+class Plan:
+    """Which path covers each chosen parameter (see module docstring)."""
+
+    factored: dict[int, list[ModuleCall]]  # param id -> its (Linear/Embedding/Conv) calls
+    module: dict[int, tuple[nn.Module, list[Tensor]]]  # module id -> (module, params it covers)
+    exact: list[Tensor]
+    unused: list[Tensor]
+    calls_needed: list[ModuleCall]
+    graph_size: int = 0  # autograd nodes reachable from the loss
+    uses: tuple[int, ...] = ()  # graph edges into each chosen parameter, in order
+
+    def live_calls(self, cap: Capture, module: nn.Module) -> list[ModuleCall]:
+        return [c for c in cap.calls.get(id(module), []) if c.live]
+
+
+def _uses(cap: Capture, loss_sum: Tensor) -> tuple[dict[int, int], set[int]]:
+    """Graph edges into each chosen parameter from the loss (by param id), and the reachable nodes."""
+    if loss_sum.grad_fn is None:
+        raise ValueError(NO_GRAD_MESSAGE)
+    res = graph_edge_counts([loss_sum.grad_fn], cap.targets, set())
+    assert res is not None
+    counts, reachable = res
+    total: dict[int, int] = {}
+    for tid, c in counts.items():
+        pid = cap.canon.get(tid, tid)
+        total[pid] = total.get(pid, 0) + c
+    return total, reachable
+
+
+def _covers(cap: Capture, calls: list[ModuleCall], p: Tensor, need: int, n: int) -> bool:
+    """Whether ``calls`` are batch-first, unchanged since, and hold all ``need`` uses of ``p``."""
+    if not calls or not all(c.batch_first(n) and c.inputs_unchanged() for c in calls):
+        return False
+    got = 0
+    for c in calls:
+        counts = c.edge_counts(cap.targets, cap.canon)
+        if counts is None:
+            return False
+        got += counts.get(id(p), 0)
+    return got == need
+
+
+def _covering_module(cap: Capture, p: Tensor, need: int, n: int, kinds: set[str]) -> nn.Module | None:
+    """The innermost module (owner, then common ancestors) whose live calls cover every use of ``p``."""
+    owners = cap.owners.get(id(p), [])
+    candidates: list[nn.Module] = []
+    if len(owners) == 1 and len(kinds) == 1 and not kinds & FACTORED_KINDS:
+        candidates.append(owners[0])  # a rule or the generic vjp on the owner itself
+    if owners:
+        candidates += [a for a in cap.ancestors(owners[0]) if all(a in cap.ancestors(o) for o in owners[1:])]
+    for m in candidates:
+        if contains_unsupported(m):
+            continue
+        if _covers(cap, [c for c in cap.calls.get(id(m), []) if c.live], p, need, n):
+            return m
+    return None
+
+
+def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Plan:
+    """Assign every chosen parameter to the cheapest path whose coverage check passes."""
+    total, reachable = _uses(cap, loss_sum)
+    for calls in cap.calls.values():
+        for c in calls:
+            c.live = any(id(e.node) in reachable for e in c.edges)
+    pl = Plan({}, {}, [], [], [], len(reachable), tuple(total.get(id(p), 0) for p in cap.params))
+    for p in cap.params:
+        need = total.get(id(p), 0)
+        if need == 0:
+            pl.unused.append(p)
+            continue
+        if not allow_fast:
+            pl.exact.append(p)
+            continue
+        owner_calls = [c for m in cap.owners.get(id(p), []) for c in pl.live_calls(cap, m)]
+        kinds = {c.kind for c in owner_calls}
+        if owner_calls and kinds <= FACTORED_KINDS and _covers(cap, owner_calls, p, need, n):
+            pl.factored[id(p)] = owner_calls
+            continue
+        m = _covering_module(cap, p, need, n, kinds)
+        if m is None:
+            pl.exact.append(p)
+        else:
+            pl.module.setdefault(id(m), (m, []))[1].append(p)
+
+    needed: dict[int, ModuleCall] = {}
+    for calls in pl.factored.values():
+        needed.update((id(c), c) for c in calls)
+    for m, _ in pl.module.values():
+        needed.update((id(c), c) for c in pl.live_calls(cap, m))
+    pl.calls_needed = list(needed.values())
+    return pl

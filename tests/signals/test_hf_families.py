@@ -1,0 +1,70 @@
+"""Common Hugging Face architectures, built tiny from configs: the default probe equals brute force, none on exact.
+
+Llama, Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2 (``Conv1D`` layers, transposed weights), OPT, BERT,
+ViT and SigLIP's vision tower: ``method="auto"`` must give the Gram ``G G^T`` of a loop of
+per-example ``autograd.grad`` (float64), and no parameter may need exact per-example autograd.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynamics import probe
+from tests.reference import ref_grads
+
+N, T, V = 4, 10, 96
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+
+
+def build(name: str):
+    import transformers as tf
+
+    configs = {
+        "llama": (tf.LlamaForCausalLM, lambda: tf.LlamaConfig(vocab_size=V, num_key_value_heads=1, **SMALL)),
+        "qwen2": (tf.Qwen2ForCausalLM, lambda: tf.Qwen2Config(vocab_size=V, num_key_value_heads=1, **SMALL)),
+        "mistral": (tf.MistralForCausalLM, lambda: tf.MistralConfig(vocab_size=V, num_key_value_heads=1, **SMALL)),
+        "gemma": (tf.GemmaForCausalLM, lambda: tf.GemmaConfig(vocab_size=V, num_key_value_heads=1, head_dim=16, **SMALL)),
+        "gpt_neox": (tf.GPTNeoXForCausalLM, lambda: tf.GPTNeoXConfig(vocab_size=V, **SMALL)),
+        "gpt2": (tf.GPT2LMHeadModel, lambda: tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=2, bos_token_id=1, eos_token_id=2)),
+        "opt": (tf.OPTForCausalLM, lambda: tf.OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, word_embed_proj_dim=32)),
+        "bert": (tf.BertForSequenceClassification, lambda: tf.BertConfig(vocab_size=V, **SMALL)),
+        "vit": (tf.ViTForImageClassification, lambda: tf.ViTConfig(image_size=16, patch_size=4, **SMALL)),
+    }  # fmt: skip
+    cls, config = configs[name]
+    cfg = config()
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(cfg).double()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (N, T), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # one padded row
+    if name == "bert":
+        return model, {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1, 0])}, None
+    if name == "vit":
+        pixels = torch.randn(N, 3, 16, 16, generator=gen, dtype=torch.float64)
+        return model, {"pixel_values": pixels, "labels": torch.tensor([0, 1, 1, 0])}, None
+    labels = ids.masked_fill(mask == 0, -100)
+    return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, None
+
+
+KINDS = {"bert": "classification", "vit": "classification"}
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt_neox", "gpt2", "opt", "bert", "vit"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_auto_matches_brute_force_with_nothing_on_exact(name):
+    model, batch, _ = build(name)
+    task_ids = torch.tensor([0, 1, 0, 1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = probe(model, batch, task_ids=task_ids)
+    G, _, _ = ref_grads(model, batch, params, KINDS.get(name, "causal_lm"))
+    K = G @ G.T
+    assert np.abs(res.gram.numpy() - K).max() <= 1e-9 * np.abs(K).max()
+    assert res.coverage["exact"] == []
+    if name == "gpt2":  # Conv1D weights are factored (ghost / materialised), not module-local re-runs
+        conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+        factored = set(res.coverage["ghost"]) | set(res.coverage["materialized"])
+        assert {f"{m}.weight" for m in conv1d} <= factored
