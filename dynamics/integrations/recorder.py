@@ -164,10 +164,9 @@ class Recorder:
         if reason:
             self.disable_probes(
                 reason,
-                f"dynamics: probes are off because {reason}: each rank holds only a shard of every parameter, "
-                "so per-example gradients, their Gram matrix, norms and cosines would be computed on shards and "
-                "be wrong. Per-task losses are still recorded (they need no gradients). To probe, train with "
-                "DDP or DeepSpeed ZeRO-1/2.",
+                f"dynamics: probes are off because {reason}. Per-task losses are still recorded (they need "
+                "no gradients). Probes work under DDP, DeepSpeed ZeRO-1/2/3, FSDP2 and FSDP1 with "
+                "use_orig_params=True.",
             )
 
     def detach_model(self) -> None:

@@ -249,16 +249,19 @@ def test_record_scores_adds_the_multi_task_average_and_parses_eval_keys(tmp_path
     assert parsed == {"vqa_long": {"acc": 0.2}, "vqa": {"acc": 0.3}}
 
 
-def test_sharded_parameters_turn_probes_off_with_one_reason():
-    class FullyShardedDataParallel(torch.nn.Module):  # stands in for torch's FSDP wrapper
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
+def test_flat_sharded_parameters_turn_probes_off_with_one_reason():
+    # FSDP2, FSDP1 with use_orig_params=True and ZeRO-3 are probed (tests/distributed); FSDP1's flat
+    # parameters (use_orig_params=False) hold many layers' shards in one tensor and are not.
+    model = mlp()
+    first = next(model.parameters())
+    first._is_flat_param = True  # what FSDP1 marks its FlatParameter with
     rec = Recorder(TASKS, probe_every=1)
     with pytest.warns(DynamicsWarning, match="sharded by FSDP.*Per-task losses are still recorded"):
-        rec.attach_model(FullyShardedDataParallel(mlp()))
+        rec.attach_model(model)
     assert not rec.should_probe(1)
+    whole = Recorder(TASKS, probe_every=1)
+    whole.attach_model(mlp())
+    assert whole.should_probe(1)  # an unsharded model keeps its probes
 
 
 def test_invalid_configuration_is_rejected_with_the_fix():

@@ -97,11 +97,14 @@ def test_seq2seq_per_task_losses_equal_t5_on_each_tasks_examples(tmp_path):
 
 def test_seq2seq_recipe(tmp_path):
     run_dir = runpy.run_path(str(HOOKS / "seq2seq.py"))["main"](
-        ["--out", str(tmp_path), "--steps", "4", "--eval-every", "2", "--probe-every", "0"]
+        ["--out", str(tmp_path), "--steps", "4", "--eval-every", "2", "--probe-every", "2"]
     )
     m = load_runs(run_dir).metrics
     assert sorted(m.loc[m["name"] == "train_loss", "step"]) == [1, 2, 3, 4]
     assert sorted(m.loc[m["name"] == "eval_loss", "step"].unique()) == [2, 4]
+    # T5 is probed from the Trainer's batch (decoder inputs built from the labels)
+    assert sorted(m.loc[m["name"] == "fisher_se", "step"]) == [2, 4]
+    assert m.loc[m["name"] == "update_cosine", "value"].notna().all()
 
 
 def _name_datasets():
