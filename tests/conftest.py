@@ -1,7 +1,9 @@
 """Shared test setup: one torch intra-op thread per test.
 
 Tiny models on a shared 2-core machine run many times faster with one thread (two threads
-spin-wait on each other); the setting is restored after every test. ``tests`` is a package, so
+spin-wait on each other). Session-scoped, so that module-scoped fixtures (references computed once
+per module) run with the same thread count as the tests: float32 matmuls (e.g. rotary embeddings)
+round differently with another blocking, which a 1e-8 float64 comparison sees. ``tests`` is a package, so
 shared builders are imported as ``tests.tiny_models``, ``tests.reference`` and so on.
 """
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     before = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -179,7 +179,7 @@ def test_losses_only_runs_leave_out_probe_and_score_pages(tmp_path):
     assert result.pages[:2] == ["Overview", TITLES["loss"]]
     assert set(PROBE_PAGES) <= set(result.skipped)
     for title in PROBE_PAGES:
-        assert "without probes" in result.skipped[title] or "no '" in result.skipped[title]
+        assert "no probe was recorded" in result.skipped[title] or "no '" in result.skipped[title]
     for title in (TITLES["correlation"], TITLES["forecast"]):
         assert "no final scores" in result.skipped[title]
     assert len(result.pages) + len(result.skipped) == len(ALL_PAGES)
