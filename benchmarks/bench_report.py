@@ -19,9 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a script, not a test: the tests package is importable from the root
 
-from tests.report.synthetic_runs import write_runs  # noqa: E402
-
 from dynamics.report import build_report  # noqa: E402
+from tests.report.synthetic_runs import write_runs  # noqa: E402
 
 TASKS = ("cls", "vqa", "report", "ground", "seg", "det", "caption")
 BUDGET_S = 30.0

@@ -44,8 +44,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynamics.signals.losses import LossSpec
-from dynamics.integrations.probe_batch import build_probe_batch
 from dynamics.integrations.recorder import (
     DEFAULT_PROBE_EVERY,
     DEFAULT_PROBE_SIZE,
@@ -53,6 +51,7 @@ from dynamics.integrations.recorder import (
     Recorder,
 )
 from dynamics.integrations.task_ids import TASK_IDS_KEY, TaskIdHook
+from dynamics.signals.losses import LossSpec
 
 try:
     from lightning.pytorch import Callback
@@ -211,21 +210,9 @@ class _DynamicsHooks:
         collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
         if dataset is None:
             return  # the recorder warns once, at the first probe step
-        try:
-            batch, task_ids = build_probe_batch(
-                _IndexedTasks(dataset, self._ids),
-                lambda items: self._with_int_ids(collate(items)),
-                self.recorder.n_tasks,
-                self.recorder.probe_size,
-                seed=self.recorder.seed,
-            )
-            self.recorder.set_probe_batch(batch, task_ids)
-        except (TypeError, ValueError, KeyError, IndexError) as err:
-            self.recorder.disable_probes(
-                "no probe batch",
-                f"dynamics: could not draw a probe batch from the training data ({type(err).__name__}: {err}); "
-                "probes are off, per-task losses are still recorded. Pass probe_batch= or probe_dataset=.",
-            )
+        self.recorder.hold_probe_batch_from(
+            _IndexedTasks(dataset, self._ids), lambda items: self._with_int_ids(collate(items))
+        )
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         # Task names become indices in the very batch the training_step receives.

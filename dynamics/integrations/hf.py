@@ -32,7 +32,6 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from dynamics.integrations import distributed as dist_utils
 from dynamics.integrations.config import RecorderConfig
-from dynamics.integrations.probe_batch import build_probe_batch
 from dynamics.integrations.recorder import Recorder
 from dynamics.integrations.task_ids import TASK_IDS_KEY, encode_task_ids, split_by_task
 
@@ -123,19 +122,7 @@ class DynamicsCallback(TrainerCallback):
             collate = self.trainer.data_collator
         if dataset is None or collate is None:
             return  # the recorder warns once, at the first probe step
-        try:
-            # The same seeded selection from the same dataset on every rank: every rank probes
-            # the same held batch (see probe_scheduler).
-            batch, task_ids = build_probe_batch(
-                dataset, collate, self.recorder.n_tasks, cfg.probe_size, seed=cfg.seed, tasks=self.tasks
-            )
-            self.recorder.set_probe_batch(batch, task_ids)
-        except (TypeError, ValueError, KeyError, IndexError) as err:
-            self.recorder.disable_probes(
-                "no probe batch",
-                f"dynamics: could not draw a probe batch from the training data ({type(err).__name__}: {err}); "
-                "probes are off, per-task losses are still recorded. Pass probe_batch= or probe_dataset=.",
-            )
+        self.recorder.hold_probe_batch_from(dataset, collate, tasks=self.tasks)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynamics.integrations import distributed as dist_utils
-
 from dynamics.signals.losses import (
     IGNORE_INDEX,
     LossSpec,

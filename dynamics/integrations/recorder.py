@@ -190,6 +190,29 @@ class Recorder:
         """Hold ``batch`` (model kwargs) as the probe batch; ``task_ids`` default to ``batch['task_ids']``."""
         self.prober.set_batch(batch, task_ids)
 
+    def hold_probe_batch_from(
+        self, dataset: Any, collate: Any, *, tasks: Sequence[str] | None = None
+    ) -> None:
+        """Draw and hold the probe batch from the training data (``probe_size`` task-stratified items).
+
+        The same seeded selection from the same dataset on every rank, so every rank probes the same
+        held batch (see :mod:`~dynamics.integrations.probe_scheduler`). Data it cannot draw from turn
+        probes off with one message; per-task losses go on.
+        """
+        from dynamics.integrations.probe_batch import build_probe_batch
+
+        try:
+            batch, task_ids = build_probe_batch(
+                dataset, collate, self.n_tasks, self.cfg.probe_size, seed=self.cfg.seed, tasks=tasks
+            )
+            self.set_probe_batch(batch, task_ids)
+        except (TypeError, ValueError, KeyError, IndexError) as err:
+            self.disable_probes(
+                "no probe batch",
+                f"dynamics: could not draw a probe batch from the training data ({type(err).__name__}: {err}); "
+                "probes are off, per-task losses are still recorded. Pass probe_batch= or probe_dataset=.",
+            )
+
     @property
     def has_probe_batch(self) -> bool:
         return self.prober.has_batch

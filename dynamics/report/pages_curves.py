@@ -134,7 +134,9 @@ def build_grad_norm(ctx: ReportContext) -> list[Figure]:
     rows = ctx.metric("grad_norm")
     rows = rows[rows["task"] != ""]
     if rows.empty:
-        raise NoData("no per-task 'grad_norm' rows in the run stores (no probe was recorded: probes off, failed, or none reached disk)")
+        raise NoData(
+            "no per-task 'grad_norm' rows in the run stores (no probe was recorded: probes off, failed, or none reached disk)"
+        )
     tasks = _tasks_with(rows, ctx)
     curves = binned_curves(rows, n_bins=PROBE_BINS, by=("task",))
     level = rows.groupby("task")["value"].mean().reindex(tasks)

@@ -66,7 +66,9 @@ def build_cosine(ctx: ReportContext) -> list[Figure]:
 def build_conflict(ctx: ReportContext) -> list[Figure]:
     rows = ctx.metric("conflict_rate")
     if rows.empty:
-        raise NoData("no 'conflict_rate' rows in the run stores (no probe was recorded: probes off, failed, or none reached disk)")
+        raise NoData(
+            "no 'conflict_rate' rows in the run stores (no probe was recorded: probes off, failed, or none reached disk)"
+        )
     global_rows = rows[rows["task"] == ""]
     note = "line: mean over runs, band: +-1 sd over runs. "
     if global_rows.empty:

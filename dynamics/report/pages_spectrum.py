@@ -31,7 +31,9 @@ def build_fisher(ctx: ReportContext) -> list[Figure]:
         if not rows.empty:
             panels.append((name, label, hint, rows))
     if not panels:
-        raise NoData("no 'fisher_se' or 'fisher_rho' rows in the run stores (no probe was recorded: probes off, failed, or none reached disk)")
+        raise NoData(
+            "no 'fisher_se' or 'fisher_rho' rows in the run stores (no probe was recorded: probes off, failed, or none reached disk)"
+        )
     level = {name: rows.groupby("group")["value"].mean() for name, _, _, rows in panels}
 
     if len(ctx.groups) >= 2 and len(level) == 2:

@@ -7,12 +7,12 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from tests.analysis.analysis_synthetic import long_metrics, make_runset
 from scipy import integrate, stats
 
 from dynamics import RunWriter, load_runs
 from dynamics.analysis import features, loss_curvature
 from dynamics.store.reader import RunSet
+from tests.analysis.analysis_synthetic import long_metrics, make_runset
 
 
 def _reference_stats(steps, values, horizon, phases=(1 / 3, 2 / 3)):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from tests.analysis.analysis_synthetic import make_runset
 
 from dynamics.analysis import compare, correlate, delta_m, features
+from tests.analysis.analysis_synthetic import make_runset
 
 
 def test_planted_fisher_se_difference_and_score_link_are_found():

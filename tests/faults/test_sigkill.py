@@ -34,7 +34,6 @@ def test_writer_killed_keeps_every_row_older_than_one_flush_interval(tmp_path, s
     assert len(due) >= 20
 
 
-
 def test_plain_loop_killed_keeps_every_step_older_than_one_flush_interval(tmp_path):
     # Steps of 0.4 s (a real model's pace): a recorder that syncs its sums every 16 steps would
     # hold the rows for 6.4 s, longer than the flush interval.
@@ -47,7 +46,6 @@ def test_plain_loop_killed_keeps_every_step_older_than_one_flush_interval(tmp_pa
     finally:
         fh.stop(proc)
     fh.assert_kept_all_but_the_last_interval(out, side, t_kill, interval, name="train_loss")
-
 
 
 def test_hf_trainer_killed_keeps_every_step_older_than_one_flush_interval(tmp_path):

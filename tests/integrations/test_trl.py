@@ -98,10 +98,9 @@ def rows(kind: str, n: int = 24, names: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def sft(out: Path, kind: str, *, names: bool = False, peft: bool = False, **config: Any):
-    from trl import SFTConfig, SFTTrainer
-
-    settings: dict[str, Any] = dict(
+def _run_settings(out: Path) -> dict[str, Any]:
+    """What the SFT and DPO tests share: 3 steps of 2 micro-batches of 4, a log every step, CPU."""
+    return dict(
         output_dir=str(out),
         max_steps=3,
         per_device_train_batch_size=4,
@@ -113,6 +112,14 @@ def sft(out: Path, kind: str, *, names: bool = False, peft: bool = False, **conf
         save_strategy="no",
         disable_tqdm=True,
         train_sampling_strategy="sequential",
+    )
+
+
+def sft(out: Path, kind: str, *, names: bool = False, peft: bool = False, **config: Any):
+    from trl import SFTConfig, SFTTrainer
+
+    settings: dict[str, Any] = dict(
+        **_run_settings(out),
         max_length=24,
         bf16=False,  # SFTConfig's default autocasts to bf16, also on CPU; the float32 reference needs float32
         seed=0,
@@ -259,17 +266,7 @@ def dpo(out: Path, **config: Any):
     from trl import DPOConfig, DPOTrainer
 
     settings: dict[str, Any] = dict(
-        output_dir=str(out),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
+        **_run_settings(out),
         beta=0.5,
         seed=0,
     )

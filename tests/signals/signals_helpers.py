@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from tests import tiny_models as tm
 import torch
+
+from tests import tiny_models as tm
 
 FAMILIES = ["mlp", "cnn", "llama_untied", "llama_tied", "llava", "lora_llama"]
 

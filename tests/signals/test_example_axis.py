@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests import tiny_models as tm
 import torch
-from tests.reference import ref_grads
 from torch import nn
 
 from dynamics import probe
 from dynamics.signals.example_axis import check_weights, reproduces, rows_local
 from dynamics.signals.losses import run_model
+from tests import tiny_models as tm
+from tests.reference import ref_grads
 
 N, D = 6, 5
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.reference import ref_hessian
-from tests.signals.signals_helpers import build
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from dynamics import probe
 from dynamics.signals.hessian import hessian_top_eigenvalue
+from tests.reference import ref_hessian
+from tests.signals.signals_helpers import build
 
 
 @pytest.mark.parametrize(

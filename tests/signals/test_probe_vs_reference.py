@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.reference import ref_grads, ref_signals
-from tests.signals.signals_helpers import FAMILIES, build, chosen_params
 
 from dynamics import probe
+from tests.reference import ref_grads, ref_signals
+from tests.signals.signals_helpers import FAMILIES, build, chosen_params
 
 RTOL = 1e-5  # Gram entries, task norms and cosines
 SPEC_RTOL = 1e-6  # eigenvalues, SE, rho

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.reference import ref_grads, ref_signals
-from tests.signals.signals_helpers import build
 from torch import nn
 
 from dynamics import probe
+from tests.reference import ref_grads, ref_signals
+from tests.signals.signals_helpers import build
 
 
 class BNNet(nn.Module):

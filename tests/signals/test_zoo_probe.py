@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tests.reference import ref_grads
 
 from dynamics import probe
 from dynamics.experiments.imax_dmax.constructions import build_bundle
@@ -21,6 +20,7 @@ from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
 from dynamics.experiments.imax_dmax.tokenizer import build_tokenizer
 from dynamics.experiments.imax_dmax.zoo import ARCHITECTURES, Dims, get_arch
 from dynamics.integrations.probe_batch import split_task_ids
+from tests.reference import ref_grads
 
 DIMS = Dims(hidden=32, intermediate=64, layers=1, vision_layers=1)
 
