@@ -32,17 +32,10 @@ class ItemDataset(Dataset):
         return self.items[i]
 
 
-def trainer_for(
-    model, dataset, out: Path, *, callbacks=None, eval_dataset=None, compute_metrics=None, trainer_cls=None,
-    args_cls=None, **overrides,
-):  # fmt: skip
-    """A CPU Trainer with sequential batches (so tests know which examples form each step)."""
-    from transformers import Trainer, TrainingArguments
-
-    trainer_cls = trainer_cls or Trainer
-    args_cls = args_cls or TrainingArguments
-
-    kwargs: dict[str, Any] = dict(
+def run_settings(out: Path) -> dict[str, Any]:
+    """TrainingArguments every trainer test shares: 3 steps of 4 examples, a log every step, CPU,
+    sequential batches (so tests know which examples form each step)."""
+    return dict(
         output_dir=str(out),
         per_device_train_batch_size=4,
         max_steps=3,
@@ -53,9 +46,20 @@ def trainer_for(
         save_strategy="no",
         disable_tqdm=True,
         train_sampling_strategy="sequential",
-        seed=0,
     )
-    kwargs.update(overrides)
+
+
+def trainer_for(
+    model, dataset, out: Path, *, callbacks=None, eval_dataset=None, compute_metrics=None, trainer_cls=None,
+    args_cls=None, **overrides,
+):  # fmt: skip
+    """A CPU Trainer with sequential batches (so tests know which examples form each step)."""
+    from transformers import Trainer, TrainingArguments
+
+    trainer_cls = trainer_cls or Trainer
+    args_cls = args_cls or TrainingArguments
+
+    kwargs: dict[str, Any] = {**run_settings(out), "seed": 0, **overrides}
     return trainer_cls(
         model=model,
         args=args_cls(**kwargs),

@@ -25,7 +25,12 @@ from datasets import Dataset  # noqa: E402
 import dynamics  # noqa: E402
 import dynamics.integrations.trl  # noqa: E402,F401  (teaches SFTTrainer to pack task ids)
 from dynamics.integrations.recorder import DynamicsWarning  # noqa: E402
-from tests.integrations.hook_helpers import logged_losses, store_table, token_losses  # noqa: E402
+from tests.integrations.hook_helpers import (  # noqa: E402
+    logged_losses,
+    run_settings,
+    store_table,
+    token_losses,
+)
 
 TASKS = ["count", "color", "greet"]
 WORDS = "one two three four five six red blue green pink gray hello hi hey bye yo".split()
@@ -98,28 +103,12 @@ def rows(kind: str, n: int = 24, names: bool = False) -> list[dict[str, Any]]:
     return out
 
 
-def _run_settings(out: Path) -> dict[str, Any]:
-    """What the SFT and DPO tests share: 3 steps of 2 micro-batches of 4, a log every step, CPU."""
-    return dict(
-        output_dir=str(out),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        train_sampling_strategy="sequential",
-    )
-
-
 def sft(out: Path, kind: str, *, names: bool = False, peft: bool = False, **config: Any):
     from trl import SFTConfig, SFTTrainer
 
     settings: dict[str, Any] = dict(
-        **_run_settings(out),
+        **run_settings(out),
+        gradient_accumulation_steps=2,
         max_length=24,
         bf16=False,  # SFTConfig's default autocasts to bf16, also on CPU; the float32 reference needs float32
         seed=0,
@@ -266,7 +255,8 @@ def dpo(out: Path, **config: Any):
     from trl import DPOConfig, DPOTrainer
 
     settings: dict[str, Any] = dict(
-        **_run_settings(out),
+        **run_settings(out),
+        gradient_accumulation_steps=2,
         beta=0.5,
         seed=0,
     )
