@@ -408,8 +408,10 @@ import sys
 import dynamics
 assert "torch" not in sys.modules and "trl" not in sys.modules
 from trl import SFTTrainer
+patched = getattr(SFTTrainer._prepare_dataset, "__wrapped__", None)  # before this test imports the adapter
+assert patched is not None, "TRL's packing was not patched by importing dynamics"
 import dynamics.integrations.trl as adapter
-assert SFTTrainer._prepare_dataset.__wrapped__ is adapter._ORIGINAL_PREPARE
+assert patched is adapter._ORIGINAL_PREPARE
 print("patched")
 """
     root = HOOKS.parent
