@@ -190,23 +190,33 @@ def _token_terms(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     per_example = max(1, supervised[0].numel()) if n else 1  # positions per example
     flat_index = supervised.reshape(-1).nonzero().squeeze(1)
     flat_targets = targets.reshape(-1)
-    try:
-        table: Tensor | None = logits.view(-1, vocab)  # rows in (example, position) order, no copy
-    except RuntimeError:  # a strided view (e.g. sliced logits): gather rows without copying all
-        table = None
     loss_sum = torch.zeros(n, dtype=dtype, device=logits.device)
     step = max(1, _CHUNK_ELEMENTS // max(1, vocab))  # rows per float32 chunk
     if logits.device.type == "cpu":
         step = min(step, max(_MIN_CHUNK_ROWS, _CPU_CHUNK_ELEMENTS // max(1, vocab)))
-    for i in range(0, flat_index.numel(), step):
-        index = flat_index[i : i + step]
-        # index_select copies whole rows in one kernel (advanced indexing is ~3x slower on CPU);
+    try:
+        table = logits.view(-1, vocab)  # rows in (example, position) order, no copy
+    except RuntimeError:  # a strided view (e.g. sliced logits): gather rows without copying all
+        for i in range(0, flat_index.numel(), step):
+            index = flat_index[i : i + step]
+            rows = logits[torch.unravel_index(index, tuple(targets.shape))]
+            ce = F.cross_entropy(rows.to(dtype), flat_targets.index_select(0, index), reduction="none")
+            loss_sum.index_add_(0, torch.div(index, per_example, rounding_mode="floor"), ce)
+        return loss_sum, count
+    # The table is cut by one split (a single autograd node whose backward concatenates the chunks'
+    # gradients): an index_select or a slice per chunk would each allocate and zero a gradient the
+    # size of all logits in the backward, which made that backward quadratic in the chunk count
+    # (the probe's backward through the loss took longer than the model's). Within a chunk,
+    # index_select keeps only the supervised rows (its backward zeroes one chunk).
+    chunk_of = torch.div(flat_index, step, rounding_mode="floor")
+    n_chunks = -(-table.shape[0] // step)
+    counts = torch.bincount(chunk_of, minlength=n_chunks).tolist()  # the one host sync
+    chunks = zip(table.split(step), flat_index.split(counts), counts, strict=True)
+    for k, (chunk, index, rows_in) in enumerate(chunks):
+        if rows_in == 0:
+            continue  # an unsupervised span (image tokens, a prompt, padding): no cost, zero gradient
+        rows = chunk if rows_in == chunk.shape[0] else chunk.index_select(0, index - k * step)
         # cross_entropy (fused log-softmax + NLL) beats logsumexp - gather on CPU and CUDA alike.
-        rows = (
-            table.index_select(0, index)
-            if table is not None
-            else logits[torch.unravel_index(index, tuple(targets.shape))]
-        )
         ce = F.cross_entropy(rows.to(dtype), flat_targets.index_select(0, index), reduction="none")
         # Differentiable as well: the probe takes the gradient of each S_i through this sum.
         loss_sum.index_add_(0, torch.div(index, per_example, rounding_mode="floor"), ce)

@@ -63,6 +63,32 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     torch.testing.assert_close(chunked, whole)
 
 
+def test_chunked_terms_and_their_gradient_match_one_cross_entropy(monkeypatch):
+    # The probe differentiates through the chunked sum: chunks wholly without labels (a prompt
+    # span) are skipped, partly labelled ones keep their labelled rows, and the gradient of any
+    # weighting of the per-example sums equals that of one unchunked cross-entropy.
+    n, t, v = 5, 10, 64
+    gen = torch.Generator().manual_seed(3)
+    targets = torch.randint(0, v, (n, t), generator=gen)
+    targets[:, :6] = IGNORE_INDEX  # 6 of every 10 rows unlabelled: whole chunks of 3 rows skipped
+    targets[2, 8] = IGNORE_INDEX
+    targets[4] = IGNORE_INDEX  # an example without labels
+    logits = torch.randn(n, t, v, generator=gen, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(L, "_CPU_CHUNK_ELEMENTS", 3 * v)
+    monkeypatch.setattr(L, "_MIN_CHUNK_ROWS", 1)
+    s, count = L._token_terms(logits, targets)
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, v), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    want = ce.reshape(n, t).sum(1)
+    torch.testing.assert_close(s, want, rtol=1e-12, atol=0)
+    assert count.tolist() == (targets != IGNORE_INDEX).sum(1).tolist()
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0, 7.0], dtype=torch.float64)
+    (g,) = torch.autograd.grad((c * s).sum(), logits)
+    (g_want,) = torch.autograd.grad((c * want).sum(), logits)
+    torch.testing.assert_close(g, g_want, rtol=1e-12, atol=1e-15)
+
+
 def test_strided_logits_match_the_token_loop():
     # Logits that are a strided view (no flat row table) take the gather-by-coordinates path.
     batch, _ = tm.llama_batch(n=4, seq_len=8)
