@@ -18,6 +18,8 @@ per-example gradient is their sum. Two ways to get its block of ``K``:
 * materialised ``g_i`` (``bmm`` or ``index_add``) and ``K += G G^T``; cost ~ ``n T d_a d_b + n^2 d_a d_b``.
   They are formed in blocks of rows (or columns) of the weight, and ``K`` is the sum of the
   blocks' Grams, so memory stays bounded (``MATERIALIZE_ELEMENTS``) whatever the layer size.
+  An embedding's ``g_i`` is formed over the distinct ids of the batch only (``d_a`` = their
+  number, not the vocabulary): the other rows are zero for every example.
 
 ``method="auto"`` takes the cheaper by this operation count. Per-example gradients of any other
 kind (bias sums, module-local or exact autograd gradients) are added as dense ``(n, ...)`` blocks.
@@ -164,6 +166,22 @@ def _prune(f: Factored, dtype: torch.dtype, mask: Tensor | None = None) -> tuple
     return a, b, torch.div(idx, t, rounding_mode="floor")
 
 
+def _compact_ids(factors: list[Factored]) -> tuple[list[Factored], Tensor]:
+    """The same one-hot factors over only the table rows the batch uses, and those rows.
+
+    ``g_i(E)`` is zero on every row no token of the batch looks up, so dropping those rows leaves
+    ``K`` unchanged while the materialised gradients shrink from ``n x vocab x d`` to
+    ``n x (distinct ids) x d`` (at 150 k vocabularies, from prohibitive to a few blocks).
+    """
+    rows, inverse = torch.unique(torch.cat([f.a.reshape(-1) for f in factors]), return_inverse=True)
+    out, start = [], 0
+    for f in factors:
+        size = f.a.numel()
+        out.append(Factored(inverse[start : start + size].reshape(f.a.shape), f.b, True, rows.numel()))
+        start += size
+    return out, rows
+
+
 def _inner(a1: Tensor, i1: bool, a2: Tensor, i2: bool, dtype: torch.dtype) -> Tensor:
     """Token-by-token inner products of two factors (dense rows or one-hot ids)."""
     if not i1 and not i2:
@@ -247,6 +265,10 @@ class GramBuilder:
             return
         if not factors:
             return
+        if all(f.a_index for f in factors):
+            factors, rows = _compact_ids(factors)
+            if direction is not None:
+                direction = direction.reshape(-1, direction.shape[-1])[rows.to(direction.device)]
         dtype = torch.promote_types(factors[0].b.dtype, torch.float32)
         self._note_dtype(dtype)
         d_b = factors[0].b.shape[-1]

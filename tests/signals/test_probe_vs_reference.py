@@ -81,9 +81,12 @@ def test_float32_model_close_to_float64():
     np.testing.assert_allclose(r32.gram.numpy(), k64, atol=1e-4 * np.abs(k64).max())
 
 
-def test_direction_cosine_against_explicit_vectors():
-    model, batch, task_ids, kind = build("llama_tied")
-    names, params = chosen_params(model, "llama_tied", subset=False)
+@pytest.mark.parametrize("family", ["llama_tied", "llama_untied"])
+def test_direction_cosine_against_explicit_vectors(family):
+    # untied: the embedding alone is factored over the table rows the batch looks up (the rest
+    # of the direction must not count); tied: its factors mix with the output layer's
+    model, batch, task_ids, kind = build(family)
+    names, params = chosen_params(model, family, subset=False)
     G, losses, weights = ref_grads(model, batch, params, kind)
     gen = torch.Generator().manual_seed(3)
     direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
