@@ -31,10 +31,11 @@ the same factors: ``<g_i, D> = sum_t <a_it, D b_it>`` (``D[u_it] . b_it`` for on
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -193,6 +194,31 @@ def _inner(a1: Tensor, i1: bool, a2: Tensor, i2: bool, dtype: torch.dtype) -> Te
     return (a1[:, None] == a2[None, :]).to(dtype)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def without_autocast(device: torch.device) -> AbstractContextManager[Any]:
+    """A context in which matmuls run in their inputs' dtype even inside a caller's ``torch.autocast``.
+
+    The products run in the parameters' dtype promoted to float32 by design; under autocast a
+    float32 matmul would come back in bfloat16 (a silently coarser ``K``, and ghost blocks of
+    mixed dtypes that ``index_add_`` refuses). The forward and the backward keep the caller's autocast.
+    """
+    kind = device.type
+    if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
+        return torch.autocast(device_type=kind, enabled=False)
+    return nullcontext()
+
+
+def _in_full_precision(method: _F) -> _F:
+    @functools.wraps(method)
+    def wrapped(self: GramBuilder, *args: Any, **kwargs: Any) -> Any:
+        with without_autocast(self.device):
+            return method(self, *args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
+
+
 class GramBuilder:
     """Accumulates ``K`` (float64) and, optionally, ``<g_i, direction>`` over parameters."""
 
@@ -213,6 +239,7 @@ class GramBuilder:
     def _note_dtype(self, dtype: torch.dtype) -> None:
         self.eps = max(self.eps, torch.finfo(dtype).eps)
 
+    @_in_full_precision
     def add_dense(self, grads: Tensor, direction: Tensor | None = None) -> None:
         """Add per-example gradients ``(n, *shape)`` of one parameter."""
         dtype = torch.promote_types(grads.dtype, torch.float32)
@@ -244,6 +271,7 @@ class GramBuilder:
                 self.K += (g @ g.T).double().to(self.device)
         self._pending, self._pending_size = [], 0
 
+    @_in_full_precision
     def add_factored(
         self,
         pid: int,
@@ -381,6 +409,7 @@ class GramBuilder:
                 K += block if c1 == c2 else block + block.T
         return K
 
+    @_in_full_precision
     def finish(self) -> Tensor:
         """The accumulated ``K`` (float64, symmetrised)."""
         self._flush()
