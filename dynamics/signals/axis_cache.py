@@ -1,10 +1,10 @@
 """Reuse of the example-axis verdicts (:mod:`.example_axis`) across probes of the same batch.
 
-The locality check (and the discovery of row maps) costs a second backward pass. The training hooks probe one *held* batch every
-``probe_every`` steps, so that pass would answer the same question again and again. This module
-remembers, per model (weakly: an entry never keeps its model alive), the verdict of every captured
-call, together with everything the verdict was obtained from, and hands it back only when all of
-that is the same again:
+The locality check (and the discovery of row maps) costs a second backward pass. The training hooks
+probe one *held* batch every ``probe_every`` steps, so that pass would answer the same question
+again and again. This module remembers, per model (weakly: an entry never keeps its model alive),
+the verdict of every captured call, together with everything the verdict was obtained from, and
+hands it back only when all of that is the same again:
 
 * the batch: its nesting (dict keys, sequence lengths), every non-tensor leaf, and every tensor's
   dtype, shape, device and *values* (compared exactly, ``torch.equal``, with a private copy; never

@@ -29,9 +29,10 @@ goes to the exact path.
 A factored call, or a call of a closed-form rule on the owner itself, that is not batch-first but
 whose shapes fit its kind over flattened leading positions ("rows": Qwen2-VL's patches flattened
 across images, Pixtral's one sequence of all images) is *row-mapped*: the weighted backward pass
-discovers which example each row belongs to (:mod:`.row_map`), and the call fails like a
-non-local one when some row belongs to none or several (or ``n > 32``). ``Plan.rows`` lists these
-calls. Module re-runs (:mod:`.module_grads`) stay batch-first only.
+discovers which example each row belongs to (:mod:`.row_map`; rows that reach no loss are
+dropped), and the call fails like a non-local one when some row reaches several examples' losses,
+or when ``n > 32`` (the check weights repeat). ``Plan.rows`` lists these calls. Module re-runs
+(:mod:`.module_grads`) stay batch-first only.
 """
 
 from __future__ import annotations
@@ -64,9 +65,8 @@ class Plan:
     calls_needed: list[ModuleCall]
     graph_size: int = 0  # autograd nodes reachable from the loss
     uses: tuple[int, ...] = ()  # graph edges into each chosen parameter, in order
-    rows: dict[int, int] = field(
-        default_factory=dict
-    )  # id of a row-mapped call -> its rows (:mod:`.row_map`)
+    # id of each row-mapped call -> its number of rows (:mod:`.row_map`)
+    rows: dict[int, int] = field(default_factory=dict)
 
     def live_calls(self, cap: Capture, module: nn.Module) -> list[ModuleCall]:
         return [c for c in cap.calls.get(id(module), []) if c.live]
