@@ -18,10 +18,12 @@ output row ``r``, the unit gradient ``u_r = d(sum_i l_i)/dy_r`` and the weighted
 ``|u_r|`` names ``e`` exactly (``c_e`` is a signed power of two, distinct for ``n <= 32``), and
 every element of the row is then checked against ``c_e u_r``. A row with ``u_r = 0`` (and
 ``w_r = 0``) adds nothing to any ``g_i`` and maps to ``-1``. A call passes only when every row
-passes; a row that feeds two examples gives a weighted average of their ``c``, which fails the
-check unless the examples' gradients on that row are exactly parallel in a power-of-two ratio (a
-coincidence of measure zero for rows of several elements). For ``n > WEIGHT_PERIOD`` weights repeat,
-``e`` is ambiguous, and such calls go to exact autograd.
+passes. A row that feeds several examples gives a weighted average of their ``c``, which fails
+the check unless those examples' gradients on the row are exactly parallel and the average lands
+on another ``c`` (e.g. ``(4 + (-2)) / 2 = 1``: two *identical* examples, 3 and 4, reading one
+shared row would be given to example 0). That needs code that makes examples share rows *and*
+duplicated examples; it is the one blind spot of a single weighted pass. For
+``n > WEIGHT_PERIOD`` weights repeat, ``e`` is ambiguous, and such calls go to exact autograd.
 
 **Using** ``e``. :func:`row_view` flattens the call to ``R`` rows as if each row were an example,
 so the existing per-example builders (:mod:`.products`, :mod:`.layer_rules`) apply unchanged;
