@@ -268,3 +268,18 @@ def test_example_layout_and_sum_rows_group_rows_by_example():
     assert lay[2].tolist() == [[0, 1], [6, 7], [10, 11]]
     sums = sum_rows(rows, row_map, 4)
     assert torch.equal(sums, lay.sum(1))
+
+
+def test_row_maps_from_the_single_batched_backward_of_fsdp1_and_zero3(monkeypatch):
+    """Where only one backward per forward is allowed, both weightings come from one batched pass."""
+    from dynamics.signals.capture import Capture
+
+    monkeypatch.setattr(Capture, "one_backward", property(lambda self: True))
+    torch.manual_seed(6)
+    n = 6
+    model = FlatRows(n).double()
+    batch = _batch(n, seed=6)
+    axis_cache.clear(model)
+    res, G = _probe_and_ref(model, batch, n)
+    _assert_gram(res, G)
+    assert res.coverage["exact"] == []
