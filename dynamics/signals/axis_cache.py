@@ -1,10 +1,10 @@
 """Reuse of the example-axis verdicts (:mod:`.example_axis`) across probes of the same batch.
 
-The locality check costs a second backward pass. The training hooks probe one *held* batch every
-``probe_every`` steps, so that pass would answer the same question again and again. This module
-remembers, per model (weakly: an entry never keeps its model alive), the verdict of every captured
-call, together with everything the verdict was obtained from, and hands it back only when all of
-that is the same again:
+The locality check (and the discovery of row maps) costs a second backward pass. The training hooks
+probe one *held* batch every ``probe_every`` steps, so that pass would answer the same question
+again and again. This module remembers, per model (weakly: an entry never keeps its model alive),
+the verdict of every captured call, together with everything the verdict was obtained from, and
+hands it back only when all of that is the same again:
 
 * the batch: its nesting (dict keys, sequence lengths), every non-tensor leaf, and every tensor's
   dtype, shape, device and *values* (compared exactly, ``torch.equal``, with a private copy; never
@@ -24,6 +24,14 @@ images by the image tokens of ``input_ids``), and the batch, the code path (same
 calls with the same shapes, the same autograd graph size) and the parameter set are all part of
 the key. A different batch with identical shapes but the images moved to other examples differs in
 ``input_ids`` values and is verified afresh.
+
+A row-mapped call's verdict is its row -> example map (:mod:`.row_map`), and the same argument
+holds for it: which example's loss each row reaches is the same dependency structure (Qwen2-VL's
+patches reach the loss of the example whose image tokens they replace, which ``input_ids`` and
+the image grid fix), so a map is reused under exactly the key that reuses a boolean verdict.
+A map with rows of zero gradient (mapped to ``-1``, dropped) is not stored: a row's gradient can be
+zero by parameter *value* (a LoRA ``B`` initialised to zero behind a row-mapped ``A``) and matter
+after a few steps, when its example must be known; such calls are verified on every probe.
 
 Two ways the verdict could still depend on parameter *values* are excluded or harmless:
 
@@ -55,6 +63,8 @@ from torch import Tensor, nn
 _PRIMITIVE = (int, float, str, bool, bytes, type(None))
 
 CallKey = tuple[int, int]  # (id of the module, index of the call among the module's calls)
+# a batch-first call's "rows are local", or a row-mapped call's row -> example map (False: none found)
+Verdict = bool | Tensor
 
 
 def _flatten(tree: Any, tensors: list[Tensor]) -> Any:
@@ -120,7 +130,7 @@ class _Entry:
     loss: Any
     structure: Any = None
     modules: dict[int, weakref.ref] = field(default_factory=dict)
-    verdicts: dict[CallKey, bool] = field(default_factory=dict)
+    verdicts: dict[CallKey, Verdict] = field(default_factory=dict)
 
     def same_inputs(self, batch: Any, params: list[Tensor], loss: Any) -> bool:
         if len(params) != len(self.params) or any(
@@ -148,7 +158,7 @@ class AxisMemo:
     def __init__(self, entry: _Entry):
         self._entry = entry
 
-    def lookup(self, structure: Any, modules: dict[int, nn.Module]) -> dict[CallKey, bool] | None:
+    def lookup(self, structure: Any, modules: dict[int, nn.Module]) -> dict[CallKey, Verdict] | None:
         e = self._entry
         if e.structure is None or e.structure != structure or e.modules.keys() != modules.keys():
             return None
@@ -156,7 +166,7 @@ class AxisMemo:
             return None
         return e.verdicts
 
-    def store(self, structure: Any, modules: dict[int, nn.Module], verdicts: dict[CallKey, bool]) -> None:
+    def store(self, structure: Any, modules: dict[int, nn.Module], verdicts: dict[CallKey, Verdict]) -> None:
         e = self._entry
         if e.structure != structure or e.modules.keys() != modules.keys():
             e.verdicts = {}

@@ -1,10 +1,10 @@
 """One recorded call of a hooked module: its inputs, outputs, gradient edges and output gradients.
 
 :class:`ModuleCall` is what the forward hooks of :mod:`.capture` record and what every per-layer
-path reads (:mod:`.products`, :mod:`.layer_rules`, :mod:`.module_grads`). The gradient edges
+path reads (:mod:`.products`, :mod:`.layer_rules`, :mod:`.module_grads`, :mod:`.row_map`). The gradient edges
 (``torch.autograd.graph.GradientEdge``) are taken at hook time, so a later in-place change of an
-output (e.g. ``ReLU(inplace=True)``) cannot redirect its gradient; ``dys`` are filled by the
-backward pass of :mod:`.backward`.
+output (e.g. ``ReLU(inplace=True)``) cannot redirect its gradient; ``dys`` (and ``row_map`` for
+a call that is not batch-first) are filled by the backward pass of :mod:`.backward`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class ModuleCall:
     used: dict[str, Tensor] = field(default_factory=dict)
     live: bool = False
     dys: list[Tensor] = field(default_factory=list)
+    # example of each row for a row-mapped call (:mod:`.row_map`), set with ``dys``; None: batch-first
+    row_map: Tensor | None = None
     _counts: dict[int, int] | None = None
     _counted: bool = False
 

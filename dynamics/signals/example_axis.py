@@ -21,6 +21,11 @@ last bit (up to non-deterministic accumulation order, e.g. atomics on GPUs; henc
 tolerance), while a row that belongs to, or also feeds, another example is off by at least a
 factor 2 or a sign.
 
+**Rows of several examples.** A call whose dimension 0 is not the examples at all (patches flattened
+across images) is not tested for ``w_r = c_r u_r`` but asked *which* ``c_e`` its row carries:
+:func:`~.row_map.discover_row_map` reads ``e`` off the same two gradients (``w_r = c_e u_r``; the
+``c_e`` are distinct for ``n <= WEIGHT_PERIOD`` only, so beyond that such calls go to exact autograd).
+
 **Reproduction by a per-example re-run.** A module re-run one example at a time (:mod:`.module_grads`)
 gets row ``i`` of the inputs whose dimension 0 is ``n`` and the other inputs whole. That
 classification is right iff the re-run reproduces row ``i`` of every recorded output, which is

@@ -5,7 +5,8 @@ takes the per-example losses of ONE forward pass that ran inside a :class:`~.cap
 
 * ``method="auto"`` (fast path): one backward pass of ``sum_i l_i`` to the captured layer outputs
   (and a second one, with distinct per-example weights, that verifies the example axis of every
-  captured output, :mod:`.example_axis`); Linear/Embedding/Conv weights by ghost products or
+  captured output, :mod:`.example_axis`, or discovers the example of each row of a call that sees
+  several examples' rows at once, :mod:`.row_map`); Linear/Embedding/Conv weights by ghost products or
   materialised per-example gradients, whichever is cheaper per parameter (:mod:`.products`);
   normalisation layers by closed forms (:mod:`.layer_rules`); other parameters by module-local
   vector-Jacobian products (:mod:`.module_grads`); parameters the fast path cannot prove it covers,
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dynamics.signals.axis_cache import AxisMemo
+from dynamics.signals.axis_cache import AxisMemo, Verdict
 from dynamics.signals.backward import backward_to_outputs
 from dynamics.signals.cache_key import call_key, forward_structure
 from dynamics.signals.calls import ModuleCall
@@ -42,10 +43,12 @@ from dynamics.signals.products import (
     conv_bias_grad,
     conv_weight_factor,
     embedding_factor,
+    factor_by_example,
     linear_bias_grad,
     linear_weight_factor,
     transposed_linear_weight_factor,
 )
+from dynamics.signals.row_map import reusable, row_view, sum_rows
 from dynamics.signals.sharding import can_gather, gathered, is_sharded
 
 METHODS = ("auto", "ghost", "materialize", "exact")
@@ -108,10 +111,10 @@ def compute_gram(
         known, store = _known_verdicts(memo, capture, pl)
         keep_graph = _may_fall_back(capture, pl, known, recompute)
         nonlocal_calls, verdicts = backward_to_outputs(
-            losses, pl.calls_needed, keep_graph, known, one_pass=capture.one_backward
+            losses, pl.calls_needed, keep_graph, known, one_pass=capture.one_backward, rows=pl.rows
         )
         if store is not None and verdicts is not None:
-            store({call_key(c, capture): verdicts[id(c)] for c in pl.calls_needed})
+            store({call_key(c, capture): v for c in pl.calls_needed if reusable(v := verdicts[id(c)])})
         exact_params = list(pl.exact)
         exact_params += _add_factored(builder, capture, pl, params, nonlocal_calls, direction)
         exact_params += _add_modules(builder, capture, pl, nonlocal_calls, direction, paths)
@@ -128,7 +131,7 @@ def compute_gram(
 
 def _known_verdicts(
     memo: AxisMemo | None, capture: Capture, pl: Plan
-) -> tuple[dict[int, bool] | None, Callable[[dict[Any, bool]], None] | None]:
+) -> tuple[dict[int, Verdict] | None, Callable[[dict[Any, Verdict]], None] | None]:
     """Verdicts by ``id(call)`` from an earlier probe of the same inputs (None unless all are known),
     and how to store new ones (None without a memo)."""
     if memo is None:
@@ -144,17 +147,18 @@ def _known_verdicts(
 
 
 def _may_fall_back(
-    capture: Capture, pl: Plan, known: dict[int, bool] | None, recompute: Callable[[], Tensor] | None
+    capture: Capture, pl: Plan, known: dict[int, Verdict] | None, recompute: Callable[[], Tensor] | None
 ) -> bool:
     """Whether the graph must outlive the backward pass: the exact fallback may need it.
 
     It is freed during the backward (less memory) only when the known verdicts send nothing to
-    the exact path and a module re-run that fails its check can have the losses recomputed.
+    the exact path (a known row map passes; unknown ones, e.g. of a row-mapped call, may fail) and
+    a module re-run that fails its check can have the losses recomputed.
     """
     return (
         bool(pl.exact)
         or known is None
-        or not all(known.values())
+        or any(v is False for v in known.values())
         or (
             recompute is None
             and any(not (rule_kind(m) and _direct(m, ps, capture)) for m, ps in pl.module.values())
@@ -162,25 +166,40 @@ def _may_fall_back(
     )
 
 
-def _factors_of(capture: Capture, p: Tensor, calls: list[ModuleCall]) -> tuple[list[Factored], list[Tensor]]:
+def _factors_of(
+    capture: Capture, p: Tensor, calls: list[ModuleCall], n: int
+) -> tuple[list[Factored], list[Tensor]]:
     """The factored terms (weights, embeddings) and dense terms (biases) of ``g_i(p)`` over ``calls``."""
     factors, dense = [], []
-    for c in calls:
-        names = capture.names_in(c.module, p)
-        if c.kind in ("linear", "linear_t"):
-            if "weight" in names:
-                factors.append(
-                    linear_weight_factor(c) if c.kind == "linear" else transposed_linear_weight_factor(c)
-                )
-            if "bias" in names:
-                dense.append(linear_bias_grad(c))
-        elif c.kind == "conv":
-            if "weight" in names:
-                factors.append(conv_weight_factor(c))
-            if "bias" in names:
-                dense.append(conv_bias_grad(c))
-        else:
-            factors.append(embedding_factor(c))
+    for call in calls:
+        names = capture.names_in(call.module, p)
+        c = call if call.row_map is None else row_view(call)  # per-row terms, grouped by example below
+        fs, ds = _call_terms(c, names)
+        if call.row_map is not None:
+            fs = [factor_by_example(f, call.row_map, n) for f in fs]
+            ds = [sum_rows(d, call.row_map, n) for d in ds]
+        factors += fs
+        dense += ds
+    return factors, dense
+
+
+def _call_terms(c: ModuleCall, names: list[str]) -> tuple[list[Factored], list[Tensor]]:
+    """One call's factored and dense terms, per example (per row for a :func:`~.row_map.row_view`)."""
+    factors, dense = [], []
+    if c.kind in ("linear", "linear_t"):
+        if "weight" in names:
+            factors.append(
+                linear_weight_factor(c) if c.kind == "linear" else transposed_linear_weight_factor(c)
+            )
+        if "bias" in names:
+            dense.append(linear_bias_grad(c))
+    elif c.kind == "conv":
+        if "weight" in names:
+            factors.append(conv_weight_factor(c))
+        if "bias" in names:
+            dense.append(conv_bias_grad(c))
+    else:
+        factors.append(embedding_factor(c))
     return factors, dense
 
 
@@ -200,7 +219,7 @@ def _add_factored(
         if any(id(c) in nonlocal_calls for c in calls):
             failed.append(p)
             continue
-        factors, dense = _factors_of(capture, p, calls)
+        factors, dense = _factors_of(capture, p, calls, builder.n)
         builder.add_factored(pid, capture.shape(p), factors, dense, direction.get(pid))
     return failed
 
@@ -229,6 +248,9 @@ def _add_modules(
                 module, module_kind(module), ps, calls, n, names=names, shapes=shapes
             )
             path = "rule"
+        elif any(c.row_map is not None for c in calls):  # a re-run splits batch-first inputs only
+            failed.extend(ps)
+            continue
         else:
             names = [capture.param_name(module, p) for p in ps]
             others = [(k, q) for k, q in module.named_parameters() if k not in names]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dynamics.signals.layer_rules import rule_kind, same_code
+from dynamics.signals.products import is_patch_conv
 
 FACTORED_KINDS = frozenset({"linear", "linear_t", "embedding", "conv"})
 
@@ -27,7 +28,9 @@ def module_kind(module: nn.Module) -> str:
     ``"linear"``, ``"linear_t"``, ``"embedding"``, ``"conv"`` (factored, :mod:`.products`): stock
     ``nn.Linear``; transformers' ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored (in, out),
     recognised by the bytecode of its forward, so a variant falls back); ``nn.Embedding`` (no max-norm
-    renormalisation, no frequency scaling); ``nn.Conv1d/2d`` (zero padding, one group); a closed-form rule of :mod:`.layer_rules` (``"layernorm"``,
+    renormalisation, no frequency scaling); ``nn.Conv1d/2d`` (zero padding, one group) and ``nn.Conv3d``
+    cutting non-overlapping patches (kernel == stride, no padding or dilation, one group; any other
+    Conv3d is ``"generic"``); a closed-form rule of :mod:`.layer_rules` (``"layernorm"``,
     ``"groupnorm"``, ``"rmsnorm"``, ``"llama_rmsnorm"``); ``"generic"`` (module-local vjp);
     ``"unsupported"`` (never re-run: an embedding that renormalises its weight in place).
     """
@@ -52,6 +55,14 @@ def module_kind(module: nn.Module) -> str:
         and not isinstance(module.padding, str)
     ):
         return "conv"
+    if (
+        isinstance(module, nn.Conv3d)
+        and forward is nn.Conv3d.forward
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+        and is_patch_conv(module)
+    ):
+        return "conv"  # patch embeddings (Qwen2-VL); torch has no 3-D unfold for the general case
     return rule_kind(module) or "generic"
 
 

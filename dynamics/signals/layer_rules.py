@@ -15,6 +15,9 @@ every dimension except the normalised / channel ones), per example ``i``:
   A module is recognised only if its ``forward`` has the same bytecode, constants and names as
   the reference implementation below, so a variant (e.g. Gemma's ``(1 + w)``) or a kernel
   replacement falls back to the generic path instead of getting a wrong formula.
+
+A row-mapped call (rows of several examples, :mod:`.row_map`) gets the same formulas per row; the
+per-row terms are then summed by example.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dynamics.signals.calls import ModuleCall
+from dynamics.signals.row_map import row_view, sum_rows
 
 
 def _llama_rmsnorm_forward(self, hidden_states):  # reference code: must stay byte-identical
@@ -107,12 +111,15 @@ def rule_per_example_grads(
         for p, shape in zip(params, shapes, strict=True)
     ]
     for call in calls:
-        x = call.main_input().detach()
-        dy = call.dys[0]
+        row_map = call.row_map
+        view = call if row_map is None else row_view(call)  # rows of several examples: one "example" each
+        x = view.main_input().detach()
+        dy = view.dys[0]
         xhat, dims = _normalised(module, kind, x)
         for k, name in enumerate(names):
             g = dy * xhat if name == "weight" else dy
-            out[k] += (g.sum(dims) if dims else g).to(out[k].dtype)
+            g = (g.sum(dims) if dims else g).to(out[k].dtype)
+            out[k] += g if row_map is None else sum_rows(g, row_map, n)
     return out
 
 

@@ -1,7 +1,8 @@
 """The plan: which path computes the per-example gradients ``g_i(p)`` of each chosen parameter.
 
 1. ``factored``: every live call that uses ``p`` is a stock ``nn.Linear`` / ``nn.Embedding`` /
-   ``nn.Conv1d/2d`` call on a batch-first input; ``g_i`` is a sum over tokens (positions) of outer
+   ``nn.Conv1d/2d`` (or patch ``nn.Conv3d``) call on a batch-first input, or on rows of several
+   examples (a *row-mapped* call, below); ``g_i`` is a sum over tokens (positions) of outer
    products (see :mod:`.products`);
 2. ``module``: otherwise, the innermost captured module (the owner itself for norms,
    ``class_embedding`` and the like, or an ancestor, e.g. for an embedding applied to broadcast
@@ -24,11 +25,19 @@ is then verified (:mod:`.example_axis`): :func:`~.backward.backward_to_outputs` 
 row of a captured output influences only its own example's loss, and the module path checks that
 its per-example re-runs reproduce the recorded outputs. A parameter whose calls fail either check
 goes to the exact path.
+
+A factored call, or a call of a closed-form rule on the owner itself, that is not batch-first but
+whose shapes fit its kind over flattened leading positions ("rows": Qwen2-VL's patches flattened
+across images, Pixtral's one sequence of all images) is *row-mapped*: the weighted backward pass
+discovers which example each row belongs to (:mod:`.row_map`; rows that reach no loss are
+dropped), and the call fails like a non-local one when some row reaches several examples' losses,
+or when ``n > 32`` (the check weights repeat). ``Plan.rows`` lists these calls. Module re-runs
+(:mod:`.module_grads`) stay batch-first only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
@@ -36,6 +45,8 @@ from dynamics.signals.calls import ModuleCall
 from dynamics.signals.capture import Capture
 from dynamics.signals.graph import graph_edge_counts
 from dynamics.signals.layer_kinds import FACTORED_KINDS, contains_unsupported
+from dynamics.signals.layer_rules import rule_kind
+from dynamics.signals.row_map import row_count
 
 NO_GRAD_MESSAGE = (
     "the probe loss does not depend on any parameter that requires grad; "
@@ -54,6 +65,8 @@ class Plan:
     calls_needed: list[ModuleCall]
     graph_size: int = 0  # autograd nodes reachable from the loss
     uses: tuple[int, ...] = ()  # graph edges into each chosen parameter, in order
+    # id of each row-mapped call -> its number of rows (:mod:`.row_map`)
+    rows: dict[int, int] = field(default_factory=dict)
 
     def live_calls(self, cap: Capture, module: nn.Module) -> list[ModuleCall]:
         return [c for c in cap.calls.get(id(module), []) if c.live]
@@ -73,9 +86,12 @@ def _uses(cap: Capture, loss_sum: Tensor) -> tuple[dict[int, int], set[int]]:
     return total, reachable
 
 
-def _covers(cap: Capture, calls: list[ModuleCall], p: Tensor, need: int, n: int) -> bool:
-    """Whether ``calls`` are batch-first, unchanged since, and hold all ``need`` uses of ``p``."""
-    if not calls or not all(c.batch_first(n) and c.inputs_unchanged() for c in calls):
+def _covers(cap: Capture, calls: list[ModuleCall], p: Tensor, need: int, n: int, rows: bool = False) -> bool:
+    """Whether ``calls`` are batch-first (or, with ``rows``, row-shaped), unchanged since, and hold all
+    ``need`` uses of ``p``."""
+    if not calls or not all(
+        (c.batch_first(n) or (rows and row_count(c) is not None)) and c.inputs_unchanged() for c in calls
+    ):
         return False
     got = 0
     for c in calls:
@@ -97,7 +113,9 @@ def _covering_module(cap: Capture, p: Tensor, need: int, n: int, kinds: set[str]
     for m in candidates:
         if contains_unsupported(m):
             continue
-        if _covers(cap, [c for c in cap.calls.get(id(m), []) if c.live], p, need, n):
+        # rows of several examples only for a closed-form rule on the owner: a re-run cannot split them
+        rows = len(owners) == 1 and m is owners[0] and rule_kind(m) is not None
+        if _covers(cap, [c for c in cap.calls.get(id(m), []) if c.live], p, need, n, rows):
             return m
     return None
 
@@ -119,7 +137,7 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
             continue
         owner_calls = [c for m in cap.owners.get(id(p), []) for c in pl.live_calls(cap, m)]
         kinds = {c.kind for c in owner_calls}
-        if owner_calls and kinds <= FACTORED_KINDS and _covers(cap, owner_calls, p, need, n):
+        if owner_calls and kinds <= FACTORED_KINDS and _covers(cap, owner_calls, p, need, n, rows=True):
             pl.factored[id(p)] = owner_calls
             continue
         m = _covering_module(cap, p, need, n, kinds)
@@ -134,4 +152,5 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
     for m, _ in pl.module.values():
         needed.update((id(c), c) for c in pl.live_calls(cap, m))
     pl.calls_needed = list(needed.values())
+    pl.rows = {id(c): r for c in pl.calls_needed if not c.batch_first(n) and (r := row_count(c)) is not None}
     return pl

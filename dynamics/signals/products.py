@@ -32,6 +32,7 @@ the same factors: ``<g_i, D> = sum_t <a_it, D b_it>`` (``D[u_it] . b_it`` for on
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from dynamics.signals.calls import ModuleCall
+from dynamics.signals.row_map import example_layout
 
 CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost products
 MATERIALIZE_ELEMENTS = 1 << 26  # largest block of materialised per-example gradients (elements)
@@ -104,15 +106,21 @@ def linear_bias_grad(call: ModuleCall) -> Tensor:
 
 
 def conv_weight_factor(call: ModuleCall) -> Factored:
-    """Factors of ``g_i(W)`` for a captured ``nn.Conv1d/2d`` call (one group, zero padding).
+    """Factors of ``g_i(W)`` for a captured ``nn.Conv1d/2d/3d`` call (one group, zero padding).
 
-    A convolution is a Linear map on unfolded input patches: ``b`` = the patches (``F.unfold``,
-    channel-major like the weight's ``(C_in, k_h, k_w)`` layout), ``a = dy`` at each output position.
+    A convolution is a Linear map on unfolded input patches: ``b`` = the patches (channel-major like
+    the weight's ``(C_in, *kernel)`` layout), ``a = dy`` at each output position. Patches come from
+    ``F.unfold`` (Conv1d as a 2-D convolution of height 1, Conv2d), or, for non-overlapping patches
+    (kernel == stride, no padding or dilation: the patch embeddings of vision towers, Conv3d
+    included, for which torch has no unfold), from a reshape of the input.
     """
     m: Any = call.module
     x = call.main_input().detach()
     dy = call.dys[0]
     n = x.shape[0]
+    a = dy.reshape(n, dy.shape[1], -1).transpose(1, 2)
+    if is_patch_conv(m):
+        return Factored(a, _patches(x, tuple(m.kernel_size)), False, dy.shape[1])
     if x.dim() == 3:  # Conv1d as a 2-D convolution of height 1
         x = x.unsqueeze(2)
         kernel, dilation, padding, stride = (
@@ -124,8 +132,34 @@ def conv_weight_factor(call: ModuleCall) -> Factored:
     else:
         kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-    a = dy.reshape(n, dy.shape[1], -1).transpose(1, 2)
     return Factored(a, patches.transpose(1, 2), False, dy.shape[1])
+
+
+def is_patch_conv(m: Any) -> bool:
+    """Whether a convolution cuts its input into non-overlapping patches (kernel == stride, no padding)."""
+    k = tuple(m.kernel_size)
+    return (
+        tuple(m.stride) == k
+        and not isinstance(m.padding, str)
+        and all(p == 0 for p in m.padding)
+        and all(d == 1 for d in m.dilation)
+    )
+
+
+def _patches(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
+    """``(N, L, C * prod(kernel))`` non-overlapping patches of ``x`` (N, C, *spatial), channel-major.
+
+    Trailing input positions that do not fill a whole patch are dropped, as the convolution drops them.
+    """
+    N, C = x.shape[:2]
+    out = [s // k for s, k in zip(x.shape[2:], kernel, strict=True)]
+    crop = tuple(slice(0, o * k) for o, k in zip(out, kernel, strict=True))
+    x = x[(slice(None), slice(None)) + crop]
+    split = [d for o, k in zip(out, kernel, strict=True) for d in (o, k)]
+    x = x.reshape(N, C, *split)
+    d = len(kernel)
+    order = [0, *(2 + 2 * i for i in range(d)), 1, *(3 + 2 * i for i in range(d))]
+    return x.permute(order).reshape(N, math.prod(out), C * math.prod(kernel))
 
 
 def conv_bias_grad(call: ModuleCall) -> Tensor:
@@ -146,6 +180,21 @@ def embedding_factor(call: ModuleCall) -> Factored:
     if pad is not None:
         dz = dz * (ids != pad).unsqueeze(-1).to(dz.dtype)
     return Factored(ids, dz, True, module.num_embeddings)
+
+
+def factor_by_example(f: Factored, row_map: Tensor, n: int) -> Factored:
+    """Per-row factors (rows in dimension 0, e.g. of :func:`~.row_map.row_view`) as per-example ones.
+
+    Row ``r`` goes to example ``row_map[r]`` (dropped for ``-1``); an example's rows are laid end to
+    end and padded with zero rows, which add nothing to ``sum_t a_it b_it^T``.
+    """
+    t = f.b.shape[1]
+    a = example_layout(f.a, row_map, n)
+    b = example_layout(f.b, row_map, n)
+    tokens = a.shape[1] * t
+    return Factored(
+        a.reshape(n, tokens, *f.a.shape[2:]), b.reshape(n, tokens, f.b.shape[-1]), f.a_index, f.d_a
+    )
 
 
 def _row_mask(f: Factored) -> Tensor:

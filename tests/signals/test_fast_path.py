@@ -24,7 +24,7 @@ class Awkward(nn.Module):
         self.viewed = nn.Linear(D, D)  # 3-D output is a view; an in-place op rewrites its graph
         self.proj = nn.Linear(D, D, bias=False)  # weight also read directly by the parent
         self.extra = nn.ParameterDict({"scale": nn.Parameter(torch.randn(D))})  # used by the parent
-        self.seq_first = nn.Linear(D, D)  # sees (T, n, d): not batch-first
+        self.seq_first = nn.Linear(D, D)  # sees (T, n, d): not batch-first, row-mapped
         self.emb = nn.Embedding(7, D, padding_idx=0)
         self.pos = nn.Embedding(3, D)  # applied to broadcast position ids (1, T)
         self.norm = nn.LayerNorm(D)
@@ -60,9 +60,11 @@ def test_awkward_uses_match_brute_force(method):
     cov = {name: path for path, names in res.coverage.items() for name in names}
     # the Linear called twice stays on the factored fast path (two terms per example)
     assert cov["shared.weight"] in ("ghost", "materialized")
-    # read outside its module, owned by a ParameterDict, not batch-first, or whose captured output
-    # edge left the graph (in-place op on a view): module path
-    for name in ("proj.weight", "extra.scale", "seq_first.weight", "viewed.weight"):
+    # not batch-first (T, n, d): its rows' examples are discovered (row-mapped), still factored
+    assert cov["seq_first.weight"] in ("ghost", "materialized")
+    # read outside its module, owned by a ParameterDict, or whose captured output edge left the
+    # graph (in-place op on a view): module path
+    for name in ("proj.weight", "extra.scale", "viewed.weight"):
         assert cov[name] == "module", name
     # looked up with broadcast ids: its output is expanded to one row per example, then factored
     for name in ("emb.weight", "pos.weight"):

@@ -1,7 +1,8 @@
 """Common Hugging Face architectures, built tiny from configs: the default probe equals brute force, none on exact.
 
 Llama, Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2 (``Conv1D`` layers, transposed weights), OPT, BERT,
-ViT and SigLIP's vision tower: ``method="auto"`` must give the Gram ``G G^T`` of a loop of
+ViT, SigLIP's vision tower and Qwen2-VL (its vision tower fed the patches of all images packed
+along dimension 0, as its processor does): ``method="auto"`` must give the Gram ``G G^T`` of a loop of
 per-example ``autograd.grad`` (float64), and no parameter may need exact per-example autograd.
 """
 
@@ -32,6 +33,10 @@ def build(name: str):
         "bert": (tf.BertForSequenceClassification, lambda: tf.BertConfig(vocab_size=V, **SMALL)),
         "vit": (tf.ViTForImageClassification, lambda: tf.ViTConfig(image_size=16, patch_size=4, **SMALL)),
     }  # fmt: skip
+    if name == "qwen2_vl":
+        return _qwen2_vl()
+    if name == "siglip":
+        return _siglip()
     cls, config = configs[name]
     cfg = config()
     cfg._attn_implementation = "eager"
@@ -50,8 +55,90 @@ def build(name: str):
     return model, {"input_ids": ids, "attention_mask": mask, "labels": labels}, None
 
 
-KINDS = {"bert": "classification", "vit": "classification"}
-FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gpt_neox", "gpt2", "opt", "bert", "vit"]
+IMAGE, VISION_START, VISION_END = 90, 91, 92
+
+
+def _qwen2_vl():
+    """The stock Qwen2-VL with the processor's layout: all images' patches packed along dimension 0.
+
+    Example 0 carries two images, example 1 none: the vision tower's rows are patches of several
+    images, its patch embedding a Conv3d; only the discovered row -> example map attributes them.
+    """
+    import transformers as tf
+
+    vision = dict(
+        depth=1,
+        embed_dim=32,
+        hidden_size=32,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+    )
+    text = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+                rope_parameters=dict(rope_type="default", mrope_section=[4, 2, 2], rope_theta=1e4))  # fmt: skip
+    cfg = tf.Qwen2VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE,
+        video_token_id=93,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+    )
+    for c in (cfg, cfg.vision_config, cfg.text_config):
+        c._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.Qwen2VLForConditionalGeneration(cfg).double()
+    gen = torch.Generator().manual_seed(1)
+    images = [2, 0, 1, 1]
+    ids = torch.randint(3, 80, (N, 16), generator=gen)
+    for i, k in enumerate(images):  # each 16x16 image: 16 patches, merged 2x2 into 4 image tokens
+        for j in range(k):
+            at = 1 + 6 * j
+            ids[i, at], ids[i, at + 1 : at + 5], ids[i, at + 5] = VISION_START, IMAGE, VISION_END
+    mask = torch.ones_like(ids)
+    mask[3, 12:] = 0
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": ids.masked_fill((mask == 0) | (ids >= IMAGE), -100),
+        "pixel_values": torch.randn(16 * sum(images), 3 * 2 * 4 * 4, generator=gen, dtype=torch.float64),
+        "image_grid_thw": torch.tensor([[1, 4, 4]] * sum(images)),
+        "mm_token_type_ids": (ids == IMAGE).int(),
+    }
+    return model, batch, None
+
+
+def _siglip():
+    import transformers as tf
+
+    vision = dict(image_size=16, patch_size=4, **SMALL)
+    cfg = tf.SiglipConfig(vision_config=vision, text_config=dict(vocab_size=V, **SMALL))
+    cfg.vision_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = tf.SiglipForImageClassification(cfg).double()
+    gen = torch.Generator().manual_seed(1)
+    pixels = torch.randn(N, 3, 16, 16, generator=gen, dtype=torch.float64)
+    return model, {"pixel_values": pixels, "labels": torch.tensor([0, 1, 1, 0])}, None
+
+
+KINDS = {"bert": "classification", "vit": "classification", "siglip": "classification"}
+FAMILIES = [
+    "llama",
+    "qwen2",
+    "mistral",
+    "gemma",
+    "gpt_neox",
+    "gpt2",
+    "opt",
+    "bert",
+    "vit",
+    "siglip",
+    "qwen2_vl",
+]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -64,6 +151,8 @@ def test_auto_matches_brute_force_with_nothing_on_exact(name):
     K = G @ G.T
     assert np.abs(res.gram.numpy() - K).max() <= 1e-9 * np.abs(K).max()
     assert res.coverage["exact"] == []
+    if name == "qwen2_vl":  # the Conv3d patch embedding is factored, its rows mapped to examples
+        assert "model.visual.patch_embed.proj.weight" in res.coverage["ghost"] + res.coverage["materialized"]
     if name == "gpt2":  # Conv1D weights are factored (ghost / materialised), not module-local re-runs
         conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
         factored = set(res.coverage["ghost"]) | set(res.coverage["materialized"])

@@ -1,0 +1,179 @@
+"""Row-mapped calls: a layer fed rows of several examples at once, with the row -> example map discovered.
+
+A vision tower often sees patches flattened across images (Qwen2-VL: ``(total patches, d)``),
+every image of the batch in ONE sequence (Pixtral: ``(1, R, d)``), or image features concatenated
+across images (a projector): dimension 0 is not the probe's examples, so the call is not
+batch-first (:meth:`~.calls.ModuleCall.batch_first`). Yet for the factored kinds (Linear,
+Embedding, Conv) and the normalisation rules (:mod:`.layer_rules`) each *row* (a position of the
+leading dimensions, see :func:`row_count`) is processed on its own, so its contribution to
+``g_i`` needs only to know which example ``i`` it belongs to:
+
+    g_i = sum over rows r with e(r) = i of (the row's outer product / rule term).
+
+**Discovering** ``e``. The weighted backward pass of :mod:`.backward` already gives, for every
+output row ``r``, the unit gradient ``u_r = d(sum_i l_i)/dy_r`` and the weighted one
+``w_r = d(sum_i c_i l_i)/dy_r`` (``c``: the distinct signed powers of two of
+:func:`~.example_axis.check_weights`). Row ``r`` belongs to example ``e`` alone iff
+``w_r = c_e u_r`` (to the rounding argument of :mod:`.example_axis`): the ratio at the largest
+``|u_r|`` names ``e`` exactly (``c_e`` is a signed power of two, distinct for ``n <= 32``), and
+every element of the row is then checked against ``c_e u_r``. A row with ``u_r = 0`` (and
+``w_r = 0``) adds nothing to any ``g_i`` and maps to ``-1``. A call passes only when every row
+passes. A row that feeds several examples gives a weighted average of their ``c``, which fails
+the check unless those examples' gradients on the row are exactly parallel and the average lands
+on another ``c`` (e.g. ``(4 + (-2)) / 2 = 1``: two *identical* examples, 3 and 4, reading one
+shared row would be given to example 0). That needs code that makes examples share rows *and*
+duplicated examples; it is the one blind spot of a single weighted pass. For
+``n > WEIGHT_PERIOD`` weights repeat, ``e`` is ambiguous, and such calls go to exact autograd.
+
+**Using** ``e``. :func:`row_view` flattens the call to ``R`` rows as if each row were an example,
+so the existing per-example builders (:mod:`.products`, :mod:`.layer_rules`) apply unchanged;
+their per-row results are then grouped by example: factors into the example-first padded layout
+of :func:`example_layout` (zero rows add nothing to a sum of outer products), dense per-row
+gradients by :func:`sum_rows`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dynamics.signals.calls import ModuleCall
+from dynamics.signals.example_axis import WEIGHT_PERIOD, locality_tolerance
+
+_LAST_DIM_RULES = ("llama_rmsnorm",)
+_SHAPED_RULES = ("layernorm", "rmsnorm")
+
+
+def _lead(call: ModuleCall) -> int | None:
+    """How many leading dims of the main input are rows, if the call's shapes are those of its kind."""
+    if len(call.grad_idx) != 1:
+        return None
+    x = call.main_input()
+    y = call.out_leaves[call.grad_idx[0]]
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        return None
+    m: Any = call.module
+    if call.kind in ("linear", "linear_t"):
+        ok = x.dim() >= 1 and y.dim() == x.dim() and y.shape[:-1] == x.shape[:-1]
+        return x.dim() - 1 if ok else None
+    if call.kind == "embedding":
+        return x.dim() if y.shape[:-1] == x.shape else None
+    if call.kind == "conv":
+        want = 2 + len(m.kernel_size)
+        ok = x.dim() == want and y.dim() == want and y.shape[1] == m.out_channels and y.shape[0] == x.shape[0]
+        return 1 if ok else None
+    if y.shape != x.shape:
+        return None
+    if call.kind in _SHAPED_RULES:
+        k = len(m.normalized_shape)
+        return x.dim() - k if x.dim() >= k else None
+    if call.kind in _LAST_DIM_RULES:
+        return x.dim() - 1 if x.dim() >= 1 else None
+    if call.kind == "groupnorm":
+        return 1 if x.dim() >= 2 else None
+    return None
+
+
+def row_count(call: ModuleCall) -> int | None:
+    """Number of rows ``R`` of a factored or rule-kind call whose shapes fit its kind (None otherwise)."""
+    lead = _lead(call)
+    if lead is None:
+        return None
+    return math.prod(call.main_input().shape[:lead])
+
+
+def row_view(call: ModuleCall) -> ModuleCall:
+    """The call with its main input and output gradient flattened to ``R`` rows in dimension 0.
+
+    The per-example builders read it as ``R`` examples of one row each (their results per row).
+    """
+    lead = _lead(call)
+    assert lead is not None and call.dys, "row_view needs a row-shaped call after the backward pass"
+    x, dy = call.main_input(), call.dys[0]
+    rows = math.prod(x.shape[:lead])
+    xr = x.reshape(rows, *x.shape[lead:])
+    dyr = dy.reshape(rows, *dy.shape[lead:])
+    return dataclasses.replace(call, args=(xr,), kwargs={}, dys=[dyr])
+
+
+def discover_row_map(
+    dy_weighted: Tensor | None, dy_unit: Tensor | None, weights: Tensor, rows: int
+) -> Tensor | None:
+    """The example of each of ``rows`` output rows (``-1``: no gradient), or None if some row has none.
+
+    ``dy_*`` are the call's output gradients (``None``: zero) under the weights ``c`` and under
+    ones (module docstring). None also for ``n > WEIGHT_PERIOD`` and non-finite gradients.
+    """
+    n = weights.shape[0]
+    if n > WEIGHT_PERIOD:
+        return None
+    like = dy_unit if dy_unit is not None else dy_weighted
+    if like is None:
+        return torch.full((rows,), -1, dtype=torch.long, device=weights.device)
+    u = like.new_zeros(like.shape) if dy_unit is None else dy_unit
+    w = like.new_zeros(like.shape) if dy_weighted is None else dy_weighted
+    if u.shape != w.shape or (u.numel() % rows if rows else u.numel()):
+        return None
+    if rows == 0:
+        return torch.empty(0, dtype=torch.long, device=u.device)
+    u, w = u.reshape(rows, -1), w.reshape(rows, -1)
+    if not bool(torch.isfinite(u).all() and torch.isfinite(w).all()):
+        return None
+    c = weights.to(u.device, u.dtype)
+    col = u.abs().argmax(1, keepdim=True)
+    u_at, w_at = u.gather(1, col).squeeze(1), w.gather(1, col).squeeze(1)
+    live = u_at != 0
+    ratio = w_at / torch.where(live, u_at, torch.ones_like(u_at))
+    # c_j = (-1)^j 2^(j // 2), so j = 2 log2|c| + [c < 0]
+    k = torch.round(torch.log2(ratio.abs().clamp_min(torch.finfo(u.dtype).tiny)))
+    j = 2 * k + (ratio < 0).to(k.dtype)
+    in_range = (j >= 0) & (j < n)
+    e = j.clamp(0, n - 1).long()
+    scaled = c[e].unsqueeze(1) * u
+    err = (w - scaled).abs().amax(1)
+    scale = scaled.abs().amax(1)
+    tol = locality_tolerance(u.dtype)
+    ok = live & in_range & (err <= tol * scale)
+    # a row without unit gradient must have no weighted one either (else examples cancel on it)
+    dead_ok = ~live & (w.abs().amax(1) <= tol * float(scale.max()))
+    if not bool((ok | dead_ok).all()):
+        return None
+    return torch.where(live, e, torch.full_like(e, -1))
+
+
+def example_layout(rows: Tensor, row_map: Tensor, n: int) -> Tensor:
+    """``(R, ...)`` rows as ``(n, R_max, ...)``: example ``i``'s rows in order, then zero padding.
+
+    Rows mapped to ``-1`` are dropped. ``R_max`` (at least 1) is the most rows of one example.
+    """
+    keep = (row_map >= 0).nonzero().squeeze(1)
+    ex = row_map[keep]
+    order = torch.argsort(ex, stable=True)
+    keep, ex = keep[order], ex[order]
+    counts = torch.bincount(ex, minlength=n)
+    r_max = max(1, int(counts.max())) if ex.numel() else 1
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(ex.numel(), device=ex.device) - starts[ex]
+    out = rows.new_zeros((n, r_max, *rows.shape[1:]))
+    out[ex, pos] = rows[keep.to(rows.device)]
+    return out
+
+
+def sum_rows(per_row: Tensor, row_map: Tensor, n: int) -> Tensor:
+    """``(n, ...)`` per-example sums of per-row gradients ``(R, ...)`` (rows mapped to ``-1`` dropped)."""
+    keep = (row_map >= 0).nonzero().squeeze(1)
+    out = per_row.new_zeros((n, *per_row.shape[1:]))
+    return out.index_add_(0, row_map[keep].to(out.device), per_row[keep.to(per_row.device)])
+
+
+def reusable(verdict: bool | Tensor) -> bool:
+    """Whether a verdict may be kept for later probes (:mod:`.axis_cache`): not a map with dropped rows.
+
+    A row of zero gradient now may reach a loss after a few steps (a zero-initialised LoRA ``B``
+    behind a row-mapped ``A``), and its example is then unknown.
+    """
+    return not isinstance(verdict, Tensor) or bool((verdict >= 0).all())
