@@ -11,7 +11,8 @@ One concern per module, the math in each docstring:
 * :mod:`.backward`    the backward passes to the captured outputs and the example-axis check;
 * :mod:`.cache_key`   what a captured forward did, as the structure part of the verdict cache's key;
 * :mod:`.example_axis` checks that dimension 0 of a captured tensor indexes the examples;
-* :mod:`.axis_cache`  reuse of those verdicts across probes of the same model and batch;
+* :mod:`.row_map`     rows of several examples in one call: their examples read off the weighted pass;
+* :mod:`.axis_cache`  reuse of those verdicts (and row maps) across probes of the same model and batch;
 * :mod:`.products`    Linear / Embedding / Conv blocks of ``K``: ghost products or materialised gradients;
 * :mod:`.layer_rules` closed-form per-example gradients of normalisation layers;
 * :mod:`.module_grads` per-example gradients of any other module by a module-local vjp;
