@@ -94,7 +94,7 @@ def zoo_case(name: str, n: int = 32, seed: int = 0):
     preset = get_preset("full")
     tok = build_tokenizer()
     arch = get_arch(name, size=preset.size, dims=preset.train.dims)
-    images = max(8, n // 2)  # IMAX images carry ~7.5 entries each: enough entries of every task
+    images = max(12, n // 2)  # ~7.5 entries per IMAX image: enough of every task (and >= 10 images)
     ds = EntryDataset(build_bundle(images, 4, size=preset.size, seed=seed).imax, tok)
     batch, task_ids = build_probe_batch(ds, VLMCollator(arch, tok), len(TASK_NAMES), n, seed=seed)
     return arch.build(tok, seed=seed), batch, task_ids
