@@ -1,6 +1,6 @@
 """Probe cost on the nine VLM architectures of the IMAX/DMAX reproduction, at the reproduction's dims.
 
-Run:  python benchmarks/bench_probe_zoo.py                          (all nine, n = 32, 5 rounds; ~5 min)
+Run:  python benchmarks/bench_probe_zoo.py                          (all nine, n = 32, 5 rounds; a few minutes)
       python benchmarks/bench_probe_zoo.py --archs llava,qwen2_vl --reps 1
 
 Each architecture of ``dynamics.experiments.imax_dmax.zoo`` is built at the ``full`` preset's
