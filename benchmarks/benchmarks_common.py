@@ -19,3 +19,82 @@ def peak_memory(fn) -> int | None:
         return None
     totals = [sum(s) for s in sizes]
     return max(totals) - totals[0]
+
+
+def cuda_peak_memory(fn) -> int:
+    """Peak bytes of CUDA memory allocated during ``fn`` above what was allocated at its start."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def interleaved_times(variants: dict, reps: int, sync=None) -> dict[str, list[float]]:
+    """Seconds per call of each variant: one untimed warm-up call each, then ``reps`` rounds that run
+    every variant once in turn, so that drifts of the machine's load hit all alike. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before each clock read: a GPU call is timed to its completion."""
+    import time
+
+    sync = sync or (lambda: None)
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratios_to(times: dict[str, list[float]], base: str = "step") -> dict[str, tuple[float, float, float]]:
+    """Per variant: (median time / median ``base`` time, lowest and highest per-round ratio)."""
+    import statistics
+
+    med = statistics.median(times[base])
+    out = {}
+    for name, ts in times.items():
+        per_round = [t / b for t, b in zip(ts, times[base], strict=True)]
+        out[name] = (statistics.median(ts) / med, min(per_round), max(per_round))
+    return out
+
+
+PATHS = ("ghost", "materialized", "rule", "module", "exact", "unused")
+
+
+def path_counts(coverage: dict[str, list[str]], model) -> dict[str, str]:
+    """``path -> "tensors (elements)"`` of a probe's ``coverage``: every path (zeros included), the
+    usual ones first in the order of ``PATHS``."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    order = [p for p in PATHS if p in coverage] + sorted(set(coverage) - set(PATHS))
+    return {
+        path: f"{len(coverage[path])} ({sum(sizes.get(n, 0) for n in coverage[path]) / 1e3:.1f} k)"
+        for path in order
+    }
+
+
+def zoo_case(name: str, n: int = 32, seed: int = 0):
+    """``(model, batch, task_ids)``: zoo architecture ``name`` at the reproduction's dims and image
+    size (the ``full`` preset's), and an ``n``-example probe batch from its collator, stratified over
+    the seven tasks as the reproduction's held probe batch is (``build_probe_batch``). CPU, float32."""
+    from dynamics.experiments.imax_dmax.constructions import build_bundle
+    from dynamics.experiments.imax_dmax.data import EntryDataset, VLMCollator
+    from dynamics.experiments.imax_dmax.presets import get_preset
+    from dynamics.experiments.imax_dmax.tasks import TASK_NAMES
+    from dynamics.experiments.imax_dmax.tokenizer import build_tokenizer
+    from dynamics.experiments.imax_dmax.zoo import get_arch
+    from dynamics.integrations.probe_batch import build_probe_batch
+
+    preset = get_preset("full")
+    tok = build_tokenizer()
+    arch = get_arch(name, size=preset.size, dims=preset.train.dims)
+    images = max(12, n // 2)  # ~7.5 entries per IMAX image: enough of every task (and >= 10 images)
+    ds = EntryDataset(build_bundle(images, 4, size=preset.size, seed=seed).imax, tok)
+    batch, task_ids = build_probe_batch(ds, VLMCollator(arch, tok), len(TASK_NAMES), n, seed=seed)
+    return arch.build(tok, seed=seed), batch, task_ids
