@@ -6,7 +6,7 @@
   replicate, all four arms from pretrained checkpoints. Enough to see whether each task is learned
   and how the arms order; with 2 pairs per arm pair no test can be significant (results.md says so).
 * ``full``: the experiment (five architectures x two replicates that differ in data, style and
-  init seed, all four arms; estimated under 2 hours on 2 cores, see README).
+  init seed, all four arms; about 75 minutes on 2 free cores, measured, see README).
 
 A **replicate** is one ``(data_seed, style_seed, init_seed)`` triple: the data seed draws every
 image and entry, the style seed the seven sources' acquisition styles, the init seed the model's
@@ -154,15 +154,16 @@ MAIN = Preset(
     pretrain=PretrainConfig(n_images=1500, epochs=4.0),
 )
 
-# Two replicates that differ in data, style and init seed; 8 epochs (~2,800 steps) from the
-# pretrained start (the previous design needed ~4,200 steps from random weights for the CTR).
+# Two replicates that differ in data, style and init seed; 5 epochs (~1,750 steps) from the
+# pretrained start. 8 epochs (~2,800 steps) were measured at ~5.5 min a run, ~115 min in all on
+# two free cores: too close to the 2 hours the preset must fit.
 FULL = Preset(
     name="full",
     models=("llava", "qwen2_vl", "idefics3", "internvl", "gemma3"),
     replicates=((0, 0, 0), (1, 1, 1)),
     n_images=1500,
     n_eval=210,
-    train=TrainConfig(epochs=8.0, batch_size=32, learning_rate=1e-3, probe_every=60, probe_size=28),
+    train=TrainConfig(epochs=5.0, batch_size=32, learning_rate=1e-3, probe_every=60, probe_size=28),
     pretrain=PretrainConfig(n_images=3000, epochs=4.0),
 )
 
