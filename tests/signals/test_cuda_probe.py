@@ -57,13 +57,7 @@ MODES = [
     "float64",
     "float32",
     "bfloat16",
-    # Known bug (dynamics/signals/products.py, ProductBuilder._ghost): under autocast the ghost
-    # product's float32 matmul comes back in bfloat16 and index_add_ into the float32 block raises.
-    # Only that RuntimeError is expected; a wrong value still fails. Remove the mark once fixed.
-    pytest.param(
-        "autocast_bf16",
-        marks=pytest.mark.xfail(raises=RuntimeError, strict=False, reason="ghost products under autocast"),
-    ),
+    "autocast_bf16",  # products run outside autocast (products.without_autocast), tested on CPU too
 ]
 
 
