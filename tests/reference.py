@@ -70,8 +70,8 @@ def ref_grads(model, batch, params, kind: str) -> tuple[np.ndarray, np.ndarray, 
             )
     finally:
         model.train(was)
-    G = torch.stack(rows).double().numpy()
-    return G, losses.detach().double().numpy(), weights
+    G = torch.stack(rows).double().cpu().numpy()
+    return G, losses.detach().double().cpu().numpy(), weights
 
 
 @dataclass
@@ -190,4 +190,4 @@ def ref_hessian(model, batch, params, kind: str) -> np.ndarray:
             )
     finally:
         model.train(was)
-    return torch.stack(rows).double().numpy()
+    return torch.stack(rows).double().cpu().numpy()
