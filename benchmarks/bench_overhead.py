@@ -18,7 +18,7 @@ baseline. On a shared machine the CPU-time ratio is the one other processes dist
 torch thread, no loader workers: all the work is this process's). It also prints the direct cost,
 ``1 + (seconds inside the hooks) / (the rest of the same run)``, which needs no second run and so
 no cross-run noise (it misses indirect costs like cache pollution). Trainer logs are not printed.
-Targets: ``losses`` <= 1.02, ``defaults`` <= 1.05.
+Targets: ``losses`` <= 1.02, ``defaults`` <= 1.03 (issue 15: the accounting at the defaults, probes included).
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for label, times in (("wall", wall), ("cpu", cpu)):
         median = {c: statistics.median(v) for c, v in times.items()}
         print(f"median {label} seconds per run: " + ", ".join(f"{c} {median[c]:.2f}" for c in configs))
-        for c, target in (("losses", 1.02), ("defaults", 1.05)):
+        for c, target in (("losses", 1.02), ("defaults", 1.03)):
             ratio = statistics.median(t / b for t, b in zip(times[c], times["baseline"], strict=True))
             ratios[f"{c}_{label}"] = ratio
             print(
