@@ -210,7 +210,7 @@ def reproduce_imax_dmax_cmd(
     preset: Annotated[
         str | None,
         typer.Option(
-            "--preset", help="quick (smoke test), main (default, ~10 min on 2 cores) or full (~75 min)."
+            "--preset", help="quick (smoke test), main (default, ~10 min on 2 cores) or full (~1.5 h)."
         ),
     ] = None,
     quick: Annotated[

@@ -6,7 +6,7 @@
   replicate, all four arms from pretrained checkpoints. Enough to see whether each task is learned
   and how the arms order; with 2 pairs per arm pair no test can be significant (results.md says so).
 * ``full``: the experiment (five architectures x two replicates that differ in data, style and
-  init seed, all four arms; about 75 minutes on 2 free cores, measured, see README).
+  init seed, all four arms; 1 h 31 min measured on 2 cores, see README).
 
 A **replicate** is one ``(data_seed, style_seed, init_seed)`` triple: the data seed draws every
 image and entry, the style seed the seven sources' acquisition styles, the init seed the model's
