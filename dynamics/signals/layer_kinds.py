@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dynamics.signals.layer_rules import rule_kind, same_code
-from dynamics.signals.products import is_patch_conv
+from dynamics.signals.products import is_patch_conv, is_scaled_embedding
 
 FACTORED_KINDS = frozenset({"linear", "linear_t", "embedding", "conv"})
 
@@ -28,7 +28,7 @@ def module_kind(module: nn.Module) -> str:
     ``"linear"``, ``"linear_t"``, ``"embedding"``, ``"conv"`` (factored, :mod:`.products`): stock
     ``nn.Linear``; transformers' ``Conv1D`` (GPT-2: ``y = x W + b`` with ``W`` stored (in, out),
     recognised by the bytecode of its forward, so a variant falls back); ``nn.Embedding`` (no max-norm
-    renormalisation, no frequency scaling); ``nn.Conv1d/2d`` (zero padding, one group) and ``nn.Conv3d``
+    renormalisation, no frequency scaling; Gemma's output-scaled embedding too); ``nn.Conv1d/2d`` (zero padding, one group) and ``nn.Conv3d``
     cutting non-overlapping patches (kernel == stride, no padding or dilation, one group; any other
     Conv3d is ``"generic"``); a closed-form rule of :mod:`.layer_rules` (``"layernorm"``,
     ``"groupnorm"``, ``"rmsnorm"``, ``"llama_rmsnorm"``); ``"generic"`` (module-local vjp);
@@ -43,7 +43,7 @@ def module_kind(module: nn.Module) -> str:
         and isinstance(getattr(module, "nf", None), int)
     ):
         return "linear_t"
-    if isinstance(module, nn.Embedding) and forward is nn.Embedding.forward:
+    if isinstance(module, nn.Embedding) and (forward is nn.Embedding.forward or is_scaled_embedding(module)):
         if module.max_norm is None and not module.scale_grad_by_freq and not module.sparse:
             return "embedding"
         return "unsupported"  # renorm writes into the weight; frequency scaling couples examples
@@ -52,7 +52,7 @@ def module_kind(module: nn.Module) -> str:
         and forward in (nn.Conv1d.forward, nn.Conv2d.forward)
         and module.groups == 1
         and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
+        and (not isinstance(module.padding, str) or module.padding == "valid")
     ):
         return "conv"
     if (

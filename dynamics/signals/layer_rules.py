@@ -13,8 +13,11 @@ every dimension except the normalised / channel ones), per example ``i``:
 * Llama-style RMSNorm of transformers (and its many copies, e.g. Qwen2, Mistral):
   ``xhat = (x32 * rsqrt(mean(x32^2, -1) + eps)).to(x.dtype)``, ``x32 = x.float()``, ``y = w * xhat``.
   A module is recognised only if its ``forward`` has the same bytecode, constants and names as
-  the reference implementation below, so a variant (e.g. Gemma's ``(1 + w)``) or a kernel
-  replacement falls back to the generic path instead of getting a wrong formula.
+  the reference implementation below, so a variant or a kernel replacement falls back to the
+  generic path instead of getting a wrong formula;
+* Gemma's RMSNorm (Gemma, Gemma 3, also recognised by bytecode, ``_norm`` included):
+  ``y = (xhat * (1 + w)).type_as(x)`` with ``xhat = _norm(x.float())``, so ``g_i(w) = sum dy_i * xhat_i``
+  in float32.
 
 A row-mapped call (rows of several examples, :mod:`.row_map`) gets the same formulas per row; the
 per-row terms are then summed by example.
@@ -39,6 +42,18 @@ def _llama_rmsnorm_forward(self, hidden_states):  # reference code: must stay by
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
     return self.weight * hidden_states.to(input_dtype)
+
+
+def _gemma_rmsnorm_norm(self, x):  # reference code (Gemma, Gemma 3): must stay byte-identical
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def _gemma_rmsnorm_forward(self, x):  # reference code: must stay byte-identical
+    output = self._norm(x.float())
+    # Llama does x.to(float16) * w whilst Gemma3 is (x * w).to(float16)
+    # See https://github.com/huggingface/transformers/pull/29402
+    output = output * (1.0 + self.weight.float())
+    return output.type_as(x)
 
 
 def same_code(f, g) -> bool:
@@ -70,6 +85,14 @@ def rule_kind(module: nn.Module) -> str | None:
         and isinstance(getattr(module, "variance_epsilon", None), float)
     ):
         return "llama_rmsnorm"
+    if (
+        same_code(forward, _gemma_rmsnorm_forward)
+        and same_code(getattr(type(module), "_norm", None), _gemma_rmsnorm_norm)
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and set(module._parameters) == {"weight"}
+        and isinstance(getattr(module, "eps", None), float)
+    ):
+        return "gemma_rmsnorm"
     return None
 
 
@@ -86,6 +109,8 @@ def _normalised(module: Any, kind: str, x: Tensor) -> tuple[Tensor, tuple[int, .
         shape = tuple(module.normalized_shape)
         xhat = F.rms_norm(x, shape, None, module.eps)
         return xhat, tuple(range(1, x.dim() - len(shape)))
+    if kind == "gemma_rmsnorm":  # y = (xhat * (1 + w)).type_as(x): dy/dw = xhat, in float32
+        return module._norm(x.float()), tuple(range(1, x.dim() - 1))
     h = x.to(torch.float32)
     xhat = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
     return xhat, tuple(range(1, x.dim() - 1))

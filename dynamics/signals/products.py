@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dynamics.signals.calls import ModuleCall
+from dynamics.signals.layer_rules import same_code
 from dynamics.signals.row_map import example_layout
 
 CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost products
@@ -126,11 +127,11 @@ def conv_weight_factor(call: ModuleCall) -> Factored:
         kernel, dilation, padding, stride = (
             (1, *m.kernel_size),
             (1, *m.dilation),
-            (0, *m.padding),
+            (0, *_int_padding(m)),
             (1, *m.stride),
         )
     else:
-        kernel, dilation, padding, stride = m.kernel_size, m.dilation, m.padding, m.stride
+        kernel, dilation, padding, stride = m.kernel_size, m.dilation, _int_padding(m), m.stride
     patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return Factored(a, patches.transpose(1, 2), False, dy.shape[1])
 
@@ -138,12 +139,16 @@ def conv_weight_factor(call: ModuleCall) -> Factored:
 def is_patch_conv(m: Any) -> bool:
     """Whether a convolution cuts its input into non-overlapping patches (kernel == stride, no padding)."""
     k = tuple(m.kernel_size)
-    return (
-        tuple(m.stride) == k
-        and not isinstance(m.padding, str)
-        and all(p == 0 for p in m.padding)
-        and all(d == 1 for d in m.dilation)
-    )
+    return tuple(m.stride) == k and _zero_padding(m.padding) and all(d == 1 for d in m.dilation)
+
+
+def _zero_padding(padding: Any) -> bool:
+    """``padding="valid"`` is no padding (SigLIP's patch embedding is built that way)."""
+    return padding == "valid" if isinstance(padding, str) else all(p == 0 for p in padding)
+
+
+def _int_padding(m: Any) -> tuple[int, ...]:
+    return (0,) * len(m.kernel_size) if m.padding == "valid" else tuple(m.padding)
 
 
 def _patches(x: Tensor, kernel: tuple[int, ...]) -> Tensor:
@@ -176,10 +181,35 @@ def embedding_factor(call: ModuleCall) -> Factored:
     ids = ids.reshape(n, -1)
     dz = dz.reshape(n, ids.shape[1], dz.shape[-1])
     module: Any = call.module
+    if is_scaled_embedding(module):  # y = E[u] * s: the table's gradient is s times dy's
+        dz = dz * module.embed_scale.to(dz.device, dz.dtype)
     pad = module.padding_idx
     if pad is not None:
         dz = dz * (ids != pad).unsqueeze(-1).to(dz.dtype)
     return Factored(ids, dz, True, module.num_embeddings)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    embed_scale: Tensor
+
+    def forward(self, input_ids):  # transformers' Gemma ScaledWordEmbedding: must stay byte-identical
+        return super().forward(input_ids) * self.embed_scale.to(self.weight.dtype)
+
+
+def is_scaled_embedding(module: Any) -> bool:
+    """An ``nn.Embedding`` whose output is scaled by a scalar buffer (Gemma's ``sqrt(d)`` embeddings).
+
+    Recognised by the bytecode of its forward and its direct base, so a variant falls back.
+    """
+    cls = type(module)
+    scale = getattr(module, "embed_scale", None)
+    return (
+        isinstance(module, nn.Embedding)
+        and cls.__mro__[1] is nn.Embedding
+        and isinstance(scale, Tensor)
+        and scale.numel() == 1
+        and same_code(cls.forward, _ScaledEmbedding.forward)
+    )
 
 
 def factor_by_example(f: Factored, row_map: Tensor, n: int) -> Factored:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tests import tiny_models as tm
@@ -55,3 +56,9 @@ def chosen_params(model, family: str, subset: bool):
         SUBSETS[family] if subset and SUBSETS[family] else [k for k, p in named.items() if p.requires_grad]
     )
     return names, [named[k] for k in names]
+
+
+def assert_gram(res, G) -> None:
+    """The probe's Gram equals the brute-force ``G G^T`` (float64) to 1e-9."""
+    K = G @ G.T
+    np.testing.assert_allclose(res.gram.numpy(), K, rtol=1e-9, atol=1e-12 * np.abs(K).max())

@@ -9,33 +9,13 @@ import gc
 import weakref
 
 import numpy as np
-import pytest
 import torch
 
-import dynamics.signals.backward as backward_mod
 from dynamics import probe
 from dynamics.signals import axis_cache
 from tests import tiny_models as tm
 from tests.reference import ref_grads
-
-
-@pytest.fixture
-def weighted_passes(monkeypatch):
-    """Counts the locality check's weighted backward passes (each one draws the check weights)."""
-    count = {"n": 0}
-    real = backward_mod.check_weights
-
-    def counting(n, like):
-        count["n"] += 1
-        return real(n, like)
-
-    monkeypatch.setattr(backward_mod, "check_weights", counting)
-    return count
-
-
-def _assert_gram(res, G):
-    K = G @ G.T
-    np.testing.assert_allclose(res.gram.numpy(), K, rtol=1e-9, atol=1e-12 * np.abs(K).max())
+from tests.signals.signals_helpers import assert_gram
 
 
 def _coverage(res) -> dict[str, str]:
@@ -76,7 +56,7 @@ def test_second_probe_of_the_same_batch_reuses_the_verdicts_and_gives_the_same_g
     exact = probe(model, batch, task_ids=task_ids, method="exact")
     assert torch.equal(second.gram, first.gram)
     assert second.coverage == first.coverage
-    _assert_gram(second, G)
+    assert_gram(second, G)
     np.testing.assert_allclose(second.gram.numpy(), exact.gram.numpy(), rtol=1e-9, atol=1e-12 * G.max() ** 2)
     assert _coverage(second)["model.vision_tower.embeddings.patch_embedding.weight"] != "exact"
 
@@ -100,7 +80,7 @@ def test_same_shapes_with_images_moved_to_other_examples_are_verified_again(weig
 
     res = probe(model, one_each, task_ids=task_ids)
     G, _, _ = ref_grads(model, one_each, list(model.parameters()), "causal_lm")
-    _assert_gram(res, G)
+    assert_gram(res, G)
     assert _coverage(res)["model.multi_modal_projector.linear_1.weight"] != "exact"
     probe(model, one_each, task_ids=task_ids)
     assert weighted_passes["n"] == 1
@@ -108,14 +88,14 @@ def test_same_shapes_with_images_moved_to_other_examples_are_verified_again(weig
     res = probe(model, moved, task_ids=task_ids)
     assert weighted_passes["n"] == 2
     G, _, _ = ref_grads(model, moved, list(model.parameters()), "causal_lm")
-    _assert_gram(res, G)
+    assert_gram(res, G)
     cov = _coverage(res)
     assert cov["model.vision_tower.embeddings.patch_embedding.weight"] == "exact"
     assert cov["model.multi_modal_projector.linear_1.weight"] == "exact"
 
     again = probe(model, moved, task_ids=task_ids)  # "not per-example" reused: still exact, still right
     assert weighted_passes["n"] == 2
-    _assert_gram(again, G)
+    assert_gram(again, G)
 
     moved["input_ids"][1, -1] = tm.PAD_ID + 3  # an in-place edit of the held batch's content
     probe(model, moved, task_ids=task_ids)
@@ -207,5 +187,5 @@ def test_module_rerun_failing_after_the_graph_was_freed_recomputes_the_losses(we
     assert weighted_passes["n"] == 1
     assert forwards["n"] == 3  # graph freed by the single backward, losses recomputed for exact
     for res in (first, second):
-        _assert_gram(res, G)
+        assert_gram(res, G)
         assert _coverage(res)["scale"] == "exact"

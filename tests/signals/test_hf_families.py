@@ -157,3 +157,10 @@ def test_auto_matches_brute_force_with_nothing_on_exact(name):
         conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
         factored = set(res.coverage["ghost"]) | set(res.coverage["materialized"])
         assert {f"{m}.weight" for m in conv1d} <= factored
+    if name == "gemma":  # (1 + w) RMSNorms by their rule, the sqrt(d)-scaled embedding factored
+        norms = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "GemmaRMSNorm"}
+        assert norms and norms <= set(res.coverage["rule"])
+        assert "model.embed_tokens.weight" in res.coverage["ghost"] + res.coverage["materialized"]
+    if name == "siglip":  # the padding="valid" patch convolution is factored
+        conv = "vision_model.embeddings.patch_embedding.weight"
+        assert conv in res.coverage["ghost"] + res.coverage["materialized"], res.coverage

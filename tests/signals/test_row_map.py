@@ -14,32 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-import dynamics.signals.backward as backward_mod
 from dynamics import probe
 from dynamics.signals import axis_cache
 from dynamics.signals.example_axis import check_weights
 from dynamics.signals.row_map import discover_row_map, example_layout, sum_rows
 from tests.reference import ref_grads
+from tests.signals.signals_helpers import assert_gram
 
 D = 5
-
-
-@pytest.fixture
-def weighted_passes(monkeypatch):
-    count = {"n": 0}
-    real = backward_mod.check_weights
-
-    def counting(n, like):
-        count["n"] += 1
-        return real(n, like)
-
-    monkeypatch.setattr(backward_mod, "check_weights", counting)
-    return count
-
-
-def _assert_gram(res, G):
-    K = G @ G.T
-    np.testing.assert_allclose(res.gram.numpy(), K, rtol=1e-9, atol=1e-12 * np.abs(K).max())
 
 
 def _owners(n: int, seed: int = 0) -> torch.Tensor:
@@ -104,7 +86,7 @@ def test_rows_of_one_example_each_are_row_mapped(method):
     batch = _batch(n)
     G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
     res = probe(model, batch, task_ids=torch.arange(n) % 2, method=method)
-    _assert_gram(res, G)
+    assert_gram(res, G)
     assert res.coverage["exact"] == []
     assert {"norm.weight", "norm.bias"} <= set(res.coverage["rule"])
 
@@ -118,8 +100,8 @@ def test_steady_state_reuses_the_row_maps(weighted_passes):
     first, G = _probe_and_ref(model, batch, n)
     second = probe(model, batch, task_ids=torch.arange(n) % 2)
     assert weighted_passes["n"] == 1  # the second probe found every map in the memo
-    _assert_gram(first, G)
-    _assert_gram(second, G)
+    assert_gram(first, G)
+    assert_gram(second, G)
     assert second.coverage["exact"] == []
 
 
@@ -130,7 +112,7 @@ def test_rows_reaching_several_examples_go_to_exact(kind):
     model = FlatRows(n, mix=kind == "mix", share=2 if kind == "share" else None).double()
     batch = _batch(n, seed=1)
     res, G = _probe_and_ref(model, batch, n)
-    _assert_gram(res, G)
+    assert_gram(res, G)
     assert sorted(res.coverage["exact"]) == TOWER
     assert "head.weight" not in res.coverage["exact"]
 
@@ -141,7 +123,7 @@ def test_more_examples_than_distinct_weights_go_to_exact():
     model = FlatRows(n).double()
     batch = _batch(n, seed=2)
     res, G = _probe_and_ref(model, batch, n)
-    _assert_gram(res, G)
+    assert_gram(res, G)
     assert sorted(res.coverage["exact"]) == TOWER
 
 
@@ -170,8 +152,8 @@ def test_rows_without_gradient_are_dropped_and_verified_again(weighted_passes):
     axis_cache.clear(wrapped)
     res, G = _probe_and_ref(wrapped, batch, n)
     again = probe(wrapped, batch, task_ids=torch.arange(n) % 2)
-    _assert_gram(res, G)
-    _assert_gram(again, G)
+    assert_gram(res, G)
+    assert_gram(again, G)
     assert res.coverage["exact"] == [] and again.coverage["exact"] == []
     assert weighted_passes["n"] == 2
 
@@ -209,7 +191,7 @@ def test_conv3d_patch_embedding_is_factored(kernel, spatial):
         "labels": torch.randint(0, 3, (n,), generator=gen),
     }
     res, G = _probe_and_ref(model, batch, n)
-    _assert_gram(res, G)
+    assert_gram(res, G)
     assert res.coverage["exact"] == []
     assert "proj.weight" in res.coverage["ghost"] + res.coverage["materialized"]
 
@@ -225,7 +207,7 @@ def test_batch_first_conv3d_patch_embedding_is_factored():
         "labels": torch.randint(0, 3, (n,), generator=gen),
     }
     res, G = _probe_and_ref(model, batch, n)
-    _assert_gram(res, G)
+    assert_gram(res, G)
     assert "0.weight" in res.coverage["ghost"] + res.coverage["materialized"]
 
 
@@ -281,5 +263,5 @@ def test_row_maps_from_the_single_batched_backward_of_fsdp1_and_zero3(monkeypatc
     batch = _batch(n, seed=6)
     axis_cache.clear(model)
     res, G = _probe_and_ref(model, batch, n)
-    _assert_gram(res, G)
+    assert_gram(res, G)
     assert res.coverage["exact"] == []

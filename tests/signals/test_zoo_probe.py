@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import dynamics.signals.backward as backward_mod
 from dynamics import probe
 from dynamics.experiments.imax_dmax.constructions import build_bundle
 from dynamics.experiments.imax_dmax.data import EntryDataset, VLMCollator
@@ -35,20 +34,6 @@ def examples():
     ds = EntryDataset(build_bundle(12, 4, seed=2).imax, tok)
     picks = [next(i for i, e in enumerate(ds.entries) if e.task == t) for t in TASK_NAMES]
     return tok, [ds[i] for i in picks]
-
-
-@pytest.fixture
-def weighted_passes(monkeypatch):
-    """Counts the example-axis check's weighted backward passes (each one draws the check weights)."""
-    count = {"n": 0}
-    real = backward_mod.check_weights
-
-    def counting(n, like):
-        count["n"] += 1
-        return real(n, like)
-
-    monkeypatch.setattr(backward_mod, "check_weights", counting)
-    return count
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
