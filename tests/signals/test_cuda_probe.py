@@ -45,7 +45,7 @@ import torch
 
 from dynamics import probe
 from tests import tiny_models as tm
-from tests.reference import ref_grads, ref_losses, ref_signals
+from tests.reference import ref_grads, ref_signals
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda)")
 
@@ -154,34 +154,13 @@ class Grads:
         return B @ B.T
 
 
-def device_ref_grads(model, batch, params, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`tests.reference.ref_grads` for a model on any device: the same per-example losses
-    (:func:`tests.reference.ref_losses`) and ``autograd.grad`` loop, the rows brought to the CPU
-    (``ref_grads`` converts with ``.numpy()``, which a CUDA tensor refuses)."""
-    was = model.training
-    model.eval()
-    try:
-        losses, weights = ref_losses(model, batch, kind)
-        rows = []
-        for i in range(losses.shape[0]):
-            gs = torch.autograd.grad(losses[i], params, retain_graph=True, allow_unused=True)
-            flat = [
-                (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params, strict=True)
-            ]
-            rows.append(torch.cat(flat).double().cpu())
-    finally:
-        model.train(was)
-    return torch.stack(rows).numpy(), losses.detach().double().cpu().numpy(), weights
-
-
 def brute_force(case: Case, device: str = "cpu", mode: str = "float64") -> Grads:
     """Per-example gradients by a loop of ``autograd.grad`` (:func:`tests.reference.ref_grads`), in
     ``mode`` on ``device``; the defaults give the float64 CPU reference."""
     model, batch, ctx = on_device(case, device, mode)
     named = trainable(model)
-    grads = ref_grads if device == "cpu" else device_ref_grads
     with ctx:
-        G, losses, weights = grads(model, batch, [p for _, p in named], case.kind)
+        G, losses, weights = ref_grads(model, batch, [p for _, p in named], case.kind)
     cols, start = {}, 0
     for n, p in named:
         cols[n] = slice(start, start + p.numel())
