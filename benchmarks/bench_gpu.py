@@ -60,6 +60,7 @@ from benchmarks_common import (
     interleaved_times,
     path_counts,
     peak_memory,
+    probe_variants,
     ratios_to,
     zoo_case,
 )
@@ -128,21 +129,8 @@ def precision(
 def measure(bench: Bench, label: str, model: nn.Module, batch: dict, task_ids: torch.Tensor) -> dict | None:
     """Time step / cold / cached, measure their peaks, print one line; None if it failed."""
     from dynamics import probe
-    from dynamics.signals.axis_cache import clear
 
-    def step() -> None:
-        model.train()
-        model(**batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def cold() -> None:
-        clear(model)
-        probe(model, batch, task_ids=task_ids)
-
-    def cached() -> None:
-        probe(model, batch, task_ids=task_ids)
-
-    variants = {"step": step, "cold": cold, "cached": cached}
+    variants = probe_variants(model, batch, task_ids)
     try:
         times = interleaved_times(variants, bench.args.reps, bench.sync)
         peaks = {k: bench.peak(f) for k, f in variants.items()}

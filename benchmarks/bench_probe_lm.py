@@ -80,28 +80,14 @@ def lm_batch(n: int, seq: int, vocab: int):
 
 
 def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) -> None:
-    from benchmarks_common import peak_memory
+    from benchmarks_common import peak_memory, probe_variants
 
     from dynamics import probe
-    from dynamics.signals.axis_cache import clear
 
     model = build(arch, vocab, max(seq, 128))
     batch = lm_batch(n, seq, vocab)
     task_ids = torch.arange(n) % 4
-
-    def step():
-        model.train()
-        model(**batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def cold():
-        clear(model)
-        return probe(model, batch, task_ids=task_ids)
-
-    def cached():
-        return probe(model, batch, task_ids=task_ids)
-
-    variants = {"step": step, "cold": cold, "cached": cached}
+    variants = probe_variants(model, batch, task_ids)
     for f in variants.values():
         f()
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -111,7 +97,7 @@ def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) ->
             f()
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    paths = {k: len(v) for k, v in cached().coverage.items() if v}
+    paths = {k: len(v) for k, v in probe(model, batch, task_ids=task_ids).coverage.items() if v}
     spread = {
         k: (min(a / s for a, s in zip(times[k], times["step"], strict=True)), max(a / s for a, s in zip(times[k], times["step"], strict=True)))
         for k in ("cold", "cached")

@@ -19,7 +19,7 @@ import argparse
 import statistics
 
 import torch
-from benchmarks_common import interleaved_times, path_counts, ratios_to, zoo_case
+from benchmarks_common import interleaved_times, path_counts, probe_variants, ratios_to, zoo_case
 
 from dynamics.experiments.imax_dmax.zoo import ARCHITECTURES
 
@@ -27,23 +27,10 @@ from dynamics.experiments.imax_dmax.zoo import ARCHITECTURES
 def measure(name: str, n: int, reps: int) -> tuple[float, float, int]:
     """Print one architecture's line; return (cached ratio, cold ratio, parameters on the exact path)."""
     from dynamics import probe
-    from dynamics.signals.axis_cache import clear
 
     model, batch, task_ids = zoo_case(name, n)
 
-    def step() -> None:
-        model.train()
-        model(**batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    def cold() -> None:
-        clear(model)
-        probe(model, batch, task_ids=task_ids)
-
-    def cached() -> None:
-        probe(model, batch, task_ids=task_ids)
-
-    times = interleaved_times({"step": step, "cold": cold, "cached": cached}, reps)
+    times = interleaved_times(probe_variants(model, batch, task_ids), reps)
     r = ratios_to(times)
     coverage = probe(model, batch, task_ids=task_ids).coverage
     n_params = sum(p.numel() for p in model.parameters())

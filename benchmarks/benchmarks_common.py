@@ -98,3 +98,25 @@ def zoo_case(name: str, n: int = 32, seed: int = 0):
     ds = EntryDataset(build_bundle(images, 4, size=preset.size, seed=seed).imax, tok)
     batch, task_ids = build_probe_batch(ds, VLMCollator(arch, tok), len(TASK_NAMES), n, seed=seed)
     return arch.build(tok, seed=seed), batch, task_ids
+
+
+def probe_variants(model, batch, task_ids) -> dict:
+    """The three timed calls every probe benchmark compares: ``step`` (forward + backward, train mode),
+    ``cold`` (``dynamics.probe`` with no stored example-axis verdicts: a run's first probe) and
+    ``cached`` (the steady state the hooks pay)."""
+    from dynamics import probe
+    from dynamics.signals.axis_cache import clear
+
+    def step() -> None:
+        model.train()
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def cold() -> None:
+        clear(model)
+        probe(model, batch, task_ids=task_ids)
+
+    def cached() -> None:
+        probe(model, batch, task_ids=task_ids)
+
+    return {"step": step, "cold": cold, "cached": cached}
