@@ -12,42 +12,22 @@ leave the few parameters only those last two paths could cover out of ``K`` and 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dynamics import probe
 from tests.distributed.sharded_probe_worker import CASES, TASKS, case_name, model_and_batch
+from tests.torchrun import start_two_ranks, wait_ranks
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("sharded_probe_worker.py")
 
 
 def run_ranks(mode: str, tmp_path: Path, timeout: float = 240) -> dict:
     out = tmp_path / f"{mode}.json"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu"}
-    log = (tmp_path / f"{mode}.log").open("w+")  # a file, not a pipe: a full pipe would stall the ranks
-    job = subprocess.Popen(
-        [*torchrun, str(WORKER), "--mode", mode, "--out", str(out)],
-        cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,
-    )  # fmt: skip
-    try:
-        job.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"torchrun ({mode}) did not finish in {timeout} s")
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)  # the launcher and its ranks, nothing else
-            job.wait()
-        log.seek(0)
-        output = log.read()
-        log.close()
-    assert job.returncode == 0, output[-4000:]
+    log = (tmp_path / f"{mode}.log").open("w+")
+    job = start_two_ranks([str(WORKER), "--mode", mode, "--out", str(out)], log, DS_ACCELERATOR="cpu")
+    wait_ranks(job, log, timeout, mode)
     return json.loads(out.read_text())
 
 

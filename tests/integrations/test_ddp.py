@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from dynamics import load_runs
 from dynamics.store.reader import find_run_dirs
+from tests.torchrun import ROOT, start_two_ranks, wait_ranks
 
-ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "hooks" / "torchrun_ddp.py"
 ARGS = [
     "--steps",
@@ -33,28 +28,16 @@ ARGS = [
 
 
 def test_two_gloo_ranks_record_the_single_process_losses_once(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    log = (tmp_path / "torchrun.log").open("w+")  # a file, not a pipe: a full pipe would stall the ranks
-    ddp_job = subprocess.Popen(
-        [*torchrun, str(RECIPE), "--out", str(tmp_path / "ddp"), "--history", str(tmp_path / "history"), *ARGS],
-        cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True,  # its own group: the ranks too
-    )  # fmt: skip
+    log = (tmp_path / "torchrun.log").open("w+")
+    ddp_job = start_two_ranks(
+        [str(RECIPE), "--out", str(tmp_path / "ddp"), "--history", str(tmp_path / "history"), *ARGS], log
+    )
     try:
         # Meanwhile, the same global batches in one process (this one).
         # The recipe puts its own folder on sys.path to import its sibling, as when run as a script.
         runpy.run_path(str(RECIPE))["main"](["--out", str(tmp_path / "single"), *ARGS])
-        ddp_job.wait(timeout=120)
-    except subprocess.TimeoutExpired:  # a hang fails the test instead of blocking the suite
-        pytest.fail("torchrun did not finish in 120 s (a collective waiting forever?)")
     finally:
-        if ddp_job.poll() is None:
-            os.killpg(ddp_job.pid, signal.SIGKILL)  # the launcher and its ranks, nothing else
-            ddp_job.wait()
-        log.seek(0)
-        output = log.read()
-        log.close()
-    assert ddp_job.returncode == 0, output[-4000:]
+        wait_ranks(ddp_job, log, 120, "DDP")  # also if the single-process run failed: no rank left behind
 
     [run_dir] = find_run_dirs(tmp_path / "ddp")  # only rank 0 wrote
     raw = pq.read_table(run_dir / "metrics").to_pandas()  # every part as written, no de-duplication
