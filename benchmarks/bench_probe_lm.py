@@ -1,6 +1,6 @@
 """Probe cost on transformer LMs the project did not design for, short and long sequences.
 
-Run:  python benchmarks/bench_probe_lm.py                      (n = 32, 64 tokens: Llama, GPT-2, Qwen2, GPT-NeoX)
+Run:  python benchmarks/bench_probe_lm.py                      (n = 32, 64 tokens: Llama, GPT-2, Qwen2, GPT-NeoX, T5)
       python benchmarks/bench_probe_lm.py --long               (n = 8, 1k and 4k tokens: Llama)
 
 Each model (~3-4 M parameters, built from config, sdpa attention, CPU, 1 thread) is timed,
@@ -60,9 +60,22 @@ def build(arch: str, vocab: int, max_len: int):
             **common,
         )
         cls = tf.GPTNeoXForCausalLM
+    elif arch == "t5":  # encoder-decoder; labels are the decoder's targets (shifted right inside)
+        cfg = tf.T5Config(
+            d_model=256,
+            d_kv=64,
+            d_ff=688,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            **common,
+        )
+        cls = tf.T5ForConditionalGeneration
     else:
         raise ValueError(arch)  # fmt: skip
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = "eager" if arch == "t5" else "sdpa"  # T5's position bias needs eager
     torch.manual_seed(0)
     return cls(cfg)
 
@@ -124,7 +137,7 @@ def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", default="llama,gpt2,qwen2,gpt_neox")
+    parser.add_argument("--archs", default="llama,gpt2,qwen2,gpt_neox,t5")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--seq", type=int, nargs="+", default=[64])
     parser.add_argument(

@@ -36,9 +36,10 @@ def ref_losses(model, batch, kind: str) -> tuple[torch.Tensor, np.ndarray]:
     labels = batch["labels"]
     losses, weights = [], []
     for i in range(labels.shape[0]):
-        if kind == "causal_lm":
-            pred = logits[i, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-            target = labels[i, 1:]
+        if kind in ("causal_lm", "token"):  # token: one label per position, no shift (seq2seq, tagging)
+            shift = 1 if kind == "causal_lm" else 0
+            pred = logits[i, : logits.shape[1] - shift].to(torch.promote_types(logits.dtype, torch.float32))
+            target = labels[i, shift:]
             keep = target != -100
             if keep.any():
                 losses.append(F.cross_entropy(pred[keep], target[keep], reduction="mean"))

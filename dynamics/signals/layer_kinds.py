@@ -31,7 +31,7 @@ def module_kind(module: nn.Module) -> str:
     renormalisation, no frequency scaling; Gemma's output-scaled embedding too); ``nn.Conv1d/2d`` (zero padding, one group) and ``nn.Conv3d``
     cutting non-overlapping patches (kernel == stride, no padding or dilation, one group; any other
     Conv3d is ``"generic"``); a closed-form rule of :mod:`.layer_rules` (``"layernorm"``,
-    ``"groupnorm"``, ``"rmsnorm"``, ``"llama_rmsnorm"``); ``"generic"`` (module-local vjp);
+    ``"groupnorm"``, ``"rmsnorm"``, ``"llama_rmsnorm"``, ``"t5_layernorm"``, ``"gemma_rmsnorm"``); ``"generic"`` (module-local vjp);
     ``"unsupported"`` (never re-run: an embedding that renormalises its weight in place).
     """
     forward = type(module).forward

@@ -15,6 +15,9 @@ every dimension except the normalised / channel ones), per example ``i``:
   A module is recognised only if its ``forward`` has the same bytecode, constants and names as
   the reference implementation below, so a variant or a kernel replacement falls back to the
   generic path instead of getting a wrong formula;
+* T5's ``T5LayerNorm`` (and its copies: MT5, UMT5, LongT5, Pix2Struct, ...), by bytecode as well:
+  ``h = x * rsqrt(mean(x32^2, -1) + eps)`` (float32 for half inputs), cast to a half-precision
+  ``w``'s dtype, ``y = w * h``; so ``xhat = h``;
 * Gemma's RMSNorm (Gemma, Gemma 3, also recognised by bytecode, ``_norm`` included):
   ``y = (xhat * (1 + w)).type_as(x)`` with ``xhat = _norm(x.float())``, so ``g_i(w) = sum dy_i * xhat_i``
   in float32.
@@ -42,6 +45,14 @@ def _llama_rmsnorm_forward(self, hidden_states):  # reference code: must stay by
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
     return self.weight * hidden_states.to(input_dtype)
+
+
+def _t5_layernorm_forward(self, hidden_states):  # reference code (T5, MT5, ...): must stay byte-identical
+    variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    if self.weight.dtype in [torch.float16, torch.bfloat16]:
+        hidden_states = hidden_states.to(self.weight.dtype)
+    return self.weight * hidden_states
 
 
 def _gemma_rmsnorm_norm(self, x):  # reference code (Gemma, Gemma 3): must stay byte-identical
@@ -78,13 +89,17 @@ def rule_kind(module: nn.Module) -> str | None:
     rms = getattr(nn, "RMSNorm", None)
     if rms is not None and isinstance(module, rms) and forward is rms.forward and module.elementwise_affine:
         return "rmsnorm"
-    if (
-        same_code(forward, _llama_rmsnorm_forward)
-        and isinstance(getattr(module, "weight", None), Tensor)
-        and set(module._parameters) == {"weight"}
-        and isinstance(getattr(module, "variance_epsilon", None), float)
+    for kind, reference in (
+        ("llama_rmsnorm", _llama_rmsnorm_forward),
+        ("t5_layernorm", _t5_layernorm_forward),
     ):
-        return "llama_rmsnorm"
+        if (
+            same_code(forward, reference)
+            and isinstance(getattr(module, "weight", None), Tensor)
+            and set(module._parameters) == {"weight"}
+            and isinstance(getattr(module, "variance_epsilon", None), float)
+        ):
+            return kind
     if (
         same_code(forward, _gemma_rmsnorm_forward)
         and same_code(getattr(type(module), "_norm", None), _gemma_rmsnorm_norm)
@@ -111,6 +126,11 @@ def _normalised(module: Any, kind: str, x: Tensor) -> tuple[Tensor, tuple[int, .
         return xhat, tuple(range(1, x.dim() - len(shape)))
     if kind == "gemma_rmsnorm":  # y = (xhat * (1 + w)).type_as(x): dy/dw = xhat, in float32
         return module._norm(x.float()), tuple(range(1, x.dim() - 1))
+    if kind == "t5_layernorm":
+        h = x * torch.rsqrt(x.to(torch.float32).pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        if module.weight.dtype in (torch.float16, torch.bfloat16):
+            h = h.to(module.weight.dtype)
+        return h, tuple(range(1, x.dim() - 1))
     h = x.to(torch.float32)
     xhat = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(x.dtype)
     return xhat, tuple(range(1, x.dim() - 1))

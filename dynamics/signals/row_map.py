@@ -44,7 +44,7 @@ from torch import Tensor
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.example_axis import WEIGHT_PERIOD, locality_tolerance
 
-_LAST_DIM_RULES = ("llama_rmsnorm",)
+_LAST_DIM_RULES = ("llama_rmsnorm", "t5_layernorm")
 _SHAPED_RULES = ("layernorm", "rmsnorm")
 
 
@@ -61,6 +61,11 @@ def _lead(call: ModuleCall) -> int | None:
         ok = x.dim() >= 1 and y.dim() == x.dim() and y.shape[:-1] == x.shape[:-1]
         return x.dim() - 1 if ok else None
     if call.kind == "embedding":
+        if x.dim() >= 2 and x.shape[0] != 1:
+            # Ids of >= 2 dims led by neither one sequence nor the examples are a table every example
+            # reads whole (T5's (query, key) grid of relative-position buckets): no row belongs to one
+            # example, so none is mapped; a batch-first ancestor's per-example re-run covers it (plan).
+            return None
         return x.dim() if y.shape[:-1] == x.shape else None
     if call.kind == "conv":
         want = 2 + len(m.kernel_size)

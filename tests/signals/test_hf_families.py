@@ -1,7 +1,7 @@
 """Common Hugging Face architectures, built tiny from configs: the default probe equals brute force, none on exact.
 
-Llama, Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2 (``Conv1D`` layers, transposed weights), OPT, BERT,
-ViT, SigLIP's vision tower and Qwen2-VL (its vision tower fed the patches of all images packed
+Llama, Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2 (``Conv1D`` layers, transposed weights), OPT, T5
+(encoder-decoder, its relative-position bias a (query, key) table every example reads), BERT, ViT, SigLIP's vision tower and Qwen2-VL (its vision tower fed the patches of all images packed
 along dimension 0, as its processor does): ``method="auto"`` must give the Gram ``G G^T`` of a loop of
 per-example ``autograd.grad`` (float64), and no parameter may need exact per-example autograd.
 """
@@ -37,6 +37,8 @@ def build(name: str):
         return _qwen2_vl()
     if name == "siglip":
         return _siglip()
+    if name == "t5":
+        return _t5()
     cls, config = configs[name]
     cfg = config()
     cfg._attn_implementation = "eager"
@@ -112,6 +114,24 @@ def _qwen2_vl():
     return model, batch, None
 
 
+def _t5():
+    import transformers as tf
+
+    cfg = tf.T5Config(vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
+                      num_heads=2, decoder_start_token_id=0, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.T5ForConditionalGeneration(cfg).double()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (N, T), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    labels = torch.randint(3, V, (N, 6), generator=gen)
+    labels[2, 4:] = -100
+    # the decoder inputs given, so that the reference's forward (labels dropped) sees the same ones
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return model, {**batch, "decoder_input_ids": model._shift_right(labels)}, None
+
+
 def _siglip():
     import transformers as tf
 
@@ -125,7 +145,7 @@ def _siglip():
     return model, {"pixel_values": pixels, "labels": torch.tensor([0, 1, 1, 0])}, None
 
 
-KINDS = {"bert": "classification", "vit": "classification", "siglip": "classification"}
+KINDS = {"t5": "token", "bert": "classification", "vit": "classification", "siglip": "classification"}
 FAMILIES = [
     "llama",
     "qwen2",
@@ -134,6 +154,7 @@ FAMILIES = [
     "gpt_neox",
     "gpt2",
     "opt",
+    "t5",
     "bert",
     "vit",
     "siglip",
@@ -161,6 +182,27 @@ def test_auto_matches_brute_force_with_nothing_on_exact(name):
         norms = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "GemmaRMSNorm"}
         assert norms and norms <= set(res.coverage["rule"])
         assert "model.embed_tokens.weight" in res.coverage["ghost"] + res.coverage["materialized"]
+    if name == "t5":  # T5LayerNorm by its rule; the bias table by a per-example re-run of its stack
+        norms = {f"{n}.weight" for n, m in model.named_modules() if type(m).__name__ == "T5LayerNorm"}
+        assert norms and norms <= set(res.coverage["rule"])
+        bias = {n for n, _ in model.named_parameters() if "relative_attention_bias" in n}
+        assert len(bias) == 2 and bias <= set(res.coverage["module"]), res.coverage
     if name == "siglip":  # the padding="valid" patch convolution is factored
         conv = "vision_model.embeddings.patch_embedding.weight"
         assert conv in res.coverage["ghost"] + res.coverage["materialized"], res.coverage
+
+
+def test_t5_layernorm_rule_in_bfloat16():
+    """The rule follows T5LayerNorm's cast to a half-precision weight's dtype: equal to exact autograd
+    of the same bfloat16 model (to bfloat16 rounding)."""
+    model, batch, _ = _t5()
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():  # hidden states far from unit RMS: the normalisation matters
+        model.shared.weight.mul_(8.0)
+    norms = {n: p for n, p in model.named_parameters() if n.endswith("layer_norm.weight")}
+    task_ids = torch.tensor([0, 1, 0, 1])
+    res = probe(model, batch, task_ids=task_ids, params=norms)
+    ex = probe(model, batch, task_ids=task_ids, params=norms, method="exact")
+    assert sorted(res.coverage["rule"]) == sorted(norms)
+    K, Kx = res.gram.numpy(), ex.gram.numpy()
+    assert np.abs(K - Kx).max() <= 3e-2 * np.abs(Kx).max()
