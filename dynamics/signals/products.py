@@ -21,7 +21,9 @@ per-example gradient is their sum. Two ways to get its block of ``K``:
   An embedding's ``g_i`` is formed over the distinct ids of the batch only (``d_a`` = their
   number, not the vocabulary): the other rows are zero for every example.
 
-``method="auto"`` takes the cheaper by this operation count. Per-example gradients of any other
+``method="auto"`` takes the cheaper by this operation count; a table read by lookups alone (an
+embedding) gets its block from the pairs of tokens with equal ids instead (:mod:`.id_pairs`), which
+is cheaper than both. Per-example gradients of any other
 kind (bias sums, module-local or exact autograd gradients) are added as dense ``(n, ...)`` blocks.
 Products run in the parameter dtype promoted to at least float32; ``K`` is accumulated in float64.
 
@@ -43,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from dynamics.signals.calls import ModuleCall
+from dynamics.signals.id_pairs import equal_id_gram
 from dynamics.signals.layer_rules import same_code
 from dynamics.signals.row_map import example_layout
 
@@ -380,6 +383,9 @@ class GramBuilder:
         self._note_dtype(dtype)
         d_b = factors[0].b.shape[-1]
         d_a = factors[0].d_a
+        if self.mode == "auto" and all(f.a_index for f in factors):
+            self._add_equal_ids(pid, factors, direction, dtype)
+            return
         mat_ops = sum(self.n * f.b.shape[1] * (1 if f.a_index else d_a) * d_b for f in factors)
         mat_ops += self.n * self.n * d_a * d_b
 
@@ -420,6 +426,23 @@ class GramBuilder:
                     per_row = ((b @ d.T) * a).sum(1)
                 self.dots.index_add_(0, seg.to(self.device), per_row.double().to(self.device))
             self.has_dots = True
+
+    def _add_equal_ids(
+        self, pid: int, factors: list[Factored], direction: Tensor | None, dtype: torch.dtype
+    ) -> None:
+        """A table read by lookups only: its block from pairs of equal ids (:mod:`.id_pairs`), never
+        dearer than the materialised gradients over the batch's ids, nor than ghost products."""
+        parts = [_prune(f, dtype) for f in factors]
+        b = torch.cat([p[1] for p in parts])
+        d = None if direction is None else direction.to(b.device, dtype).reshape(-1, b.shape[-1])
+        K, dots, dense_only = equal_id_gram(
+            torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts]), b, self.n, d
+        )
+        self.K += K.double().to(self.device)
+        if dots is not None:
+            self.dots += dots.double().to(self.device)
+            self.has_dots = True
+        self.paths["materialized" if dense_only else "ghost"].append(pid)
 
     def _add_materialized(
         self, factors: list[Factored], d_a: int, d_b: int, direction: Tensor | None
