@@ -61,10 +61,12 @@ def _lead(call: ModuleCall) -> int | None:
         ok = x.dim() >= 1 and y.dim() == x.dim() and y.shape[:-1] == x.shape[:-1]
         return x.dim() - 1 if ok else None
     if call.kind == "embedding":
-        if x.dim() >= 2 and x.shape[0] != 1:
-            # Ids of >= 2 dims led by neither one sequence nor the examples are a table every example
-            # reads whole (T5's (query, key) grid of relative-position buckets): no row belongs to one
-            # example, so none is mapped; a batch-first ancestor's per-example re-run covers it (plan).
+        if x.dim() == 2 and x.shape[0] == x.shape[1] > 1:
+            # A square grid of ids is taken for a (query, key) table that every example reads whole
+            # (T5's relative-position buckets): no row of it belongs to one example, so no map would be
+            # found; a batch-first ancestor's per-example re-run covers it instead (plan). Ids of
+            # images x patches stay row-mapped; a square one by coincidence only loses speed (the
+            # re-run is verified, exact autograd is the fallback).
             return None
         return x.dim() if y.shape[:-1] == x.shape else None
     if call.kind == "conv":

@@ -265,3 +265,38 @@ def test_row_maps_from_the_single_batched_backward_of_fsdp1_and_zero3(monkeypatc
     res, G = _probe_and_ref(model, batch, n)
     assert_gram(res, G)
     assert res.coverage["exact"] == []
+
+
+class ImagePatchIds(nn.Module):
+    """An embedding read at (images x patches) ids, images of several examples (not n of them):
+    each row of ids belongs to one example, so the table is row-mapped, not a shared grid."""
+
+    def __init__(self, n: int, patches: int):
+        super().__init__()
+        self.n = n
+        self.emb = nn.Embedding(11, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x, ids, owner):
+        h = torch.tanh(self.emb(ids)).mean(1)  # (images, D)
+        return self.head(x + torch.zeros(self.n, D, dtype=h.dtype).index_add(0, owner, h))
+
+
+@pytest.mark.parametrize("patches", [3, 4])  # images x patches; 4: square by coincidence
+def test_image_by_patch_ids_are_row_mapped_unless_square(patches):
+    torch.manual_seed(5)
+    n = 6
+    owner = _owners(n, seed=5)[:4]  # four images of some of the examples
+    gen = torch.Generator().manual_seed(5)
+    batch = {
+        "x": torch.randn(n, D, generator=gen, dtype=torch.float64),
+        "ids": torch.randint(0, 11, (4, patches), generator=gen),
+        "owner": owner,
+        "labels": torch.randint(0, 3, (n,), generator=gen),
+    }
+    model = ImagePatchIds(n, patches).double()
+    res, G = _probe_and_ref(model, batch, n)
+    assert_gram(res, G)
+    factored = res.coverage["ghost"] + res.coverage["materialized"]
+    assert ("emb.weight" in factored) == (patches != 4), res.coverage
+    assert res.coverage["exact"] == [] or patches == 4
