@@ -3,8 +3,8 @@
 Run:  python benchmarks/bench_probe_lm.py                      (n = 32, 64 tokens: Llama, GPT-2, Qwen2, GPT-NeoX, T5)
       python benchmarks/bench_probe_lm.py --long               (n = 8, 1k and 4k tokens: Llama)
 
-Each model (~3-4 M parameters, built from config, sdpa attention, CPU, 1 thread) is timed,
-interleaved in one process, for ``step`` (``model(**batch).loss.backward()``), ``probe (cold)``
+Each model (~3.5-4 M parameters, built from config, sdpa attention (T5: eager, for its position
+bias), CPU, 1 thread) is timed, interleaved in one process, for ``step`` (``model(**batch).loss.backward()``), ``probe (cold)``
 (``dynamics.probe`` with no stored example-axis verdicts: the first probe of a run) and ``probe
 (cached)`` (the steady state the hooks pay); printed: medians as multiples of the step's median
 (and the spread of the per-round ratios), the gradient paths (none may be ``exact``) and, with
