@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -93,7 +92,7 @@ def lm_batch(n: int, seq: int, vocab: int):
 
 
 def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) -> None:
-    from benchmarks_common import peak_memory, probe_variants
+    from benchmarks_common import interleaved_times, peak_memory, probe_variants, ratios_to
 
     from dynamics import probe
 
@@ -101,25 +100,14 @@ def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) ->
     batch = lm_batch(n, seq, vocab)
     task_ids = torch.arange(n) % 4
     variants = probe_variants(model, batch, task_ids)
-    for f in variants.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, f in variants.items():
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = interleaved_times(variants, reps)
+    r = ratios_to(times)
     paths = {k: len(v) for k, v in probe(model, batch, task_ids=task_ids).coverage.items() if v}
-    spread = {
-        k: (min(a / s for a, s in zip(times[k], times["step"], strict=True)), max(a / s for a, s in zip(times[k], times["step"], strict=True)))
-        for k in ("cold", "cached")
-    }  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"{arch:9s} {n_params / 1e6:5.2f} M  n={n:3d} T={seq:5d}  step {1e3 * med['step']:8.1f} ms  "
-        f"cached {med['cached'] / med['step']:.2f}x ({spread['cached'][0]:.2f}-{spread['cached'][1]:.2f})  "
-        f"cold {med['cold'] / med['step']:.2f}x ({spread['cold'][0]:.2f}-{spread['cold'][1]:.2f})  paths {paths}",
+        f"{arch:9s} {n_params / 1e6:5.2f} M  n={n:3d} T={seq:5d}  step {1e3 * statistics.median(times['step']):8.1f} ms  "
+        f"cached {r['cached'][0]:.2f}x ({r['cached'][1]:.2f}-{r['cached'][2]:.2f})  "
+        f"cold {r['cold'][0]:.2f}x ({r['cold'][1]:.2f}-{r['cold'][2]:.2f})  paths {paths}",
         flush=True,
     )
     if memory:
