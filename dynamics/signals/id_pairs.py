@@ -44,7 +44,7 @@ def equal_id_gram(
 ) -> tuple[Tensor, Tensor | None, bool]:
     """``(K, dots, dense_only)`` over token rows: ``ids`` (M,), ``examples`` (M,) and ``b`` (M, d).
 
-    ``direction`` (ids, d) gives ``dots_i = <g_i, D> = sum_t D[u_it] . b_it`` too. ``limit`` is the
+    ``direction`` (table rows, d; any dtype and device) gives ``dots_i = <g_i, D> = sum_t D[u_it] . b_it`` too. ``limit`` is the
     group size ``C`` (default: the cheapest). ``K`` and ``dots`` are in ``b``'s dtype on its device;
     ``dense_only`` says whether the split formed no pairs (the materialised path over the batch's ids).
     """
@@ -58,7 +58,8 @@ def equal_id_gram(
     _, group, counts = torch.unique_consecutive(pid, return_inverse=True, return_counts=True)
     dots = None
     if direction is not None:
-        dots = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, pex, (S * direction[pid]).sum(1))
+        rows = direction[pid.to(direction.device)].to(dev, dtype)  # only the rows the batch reads
+        dots = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, pex, (S * rows).sum(1))
     if limit is None:
         limits = [0] + [1 << k for k in range(n.bit_length()) if 1 << k <= n] + [n]
         limit = min(limits, key=lambda c: _split_cost(counts, n, d, c))

@@ -375,17 +375,18 @@ class GramBuilder:
             return
         if not factors:
             return
-        if all(f.a_index for f in factors):
+        dtype = torch.promote_types(factors[0].b.dtype, torch.float32)
+        self._note_dtype(dtype)
+        one_hot = all(f.a_index for f in factors)
+        if one_hot and self.mode == "auto":
+            self._add_equal_ids(pid, factors, direction, dtype)  # groups the batch's ids itself
+            return
+        if one_hot:
             factors, rows = _compact_ids(factors)
             if direction is not None:
                 direction = direction.reshape(-1, direction.shape[-1])[rows.to(direction.device)]
-        dtype = torch.promote_types(factors[0].b.dtype, torch.float32)
-        self._note_dtype(dtype)
         d_b = factors[0].b.shape[-1]
         d_a = factors[0].d_a
-        if self.mode == "auto" and all(f.a_index for f in factors):
-            self._add_equal_ids(pid, factors, direction, dtype)
-            return
         mat_ops = sum(self.n * f.b.shape[1] * (1 if f.a_index else d_a) * d_b for f in factors)
         mat_ops += self.n * self.n * d_a * d_b
 
@@ -434,7 +435,8 @@ class GramBuilder:
         dearer than the materialised gradients over the batch's ids, nor than ghost products."""
         parts = [_prune(f, dtype) for f in factors]
         b = torch.cat([p[1] for p in parts])
-        d = None if direction is None else direction.to(b.device, dtype).reshape(-1, b.shape[-1])
+        # the whole table: equal_id_gram gathers (and casts) only the rows the batch reads
+        d = None if direction is None else direction.reshape(-1, b.shape[-1])
         K, dots, dense_only = equal_id_gram(
             torch.cat([p[0] for p in parts]), torch.cat([p[2] for p in parts]), b, self.n, d
         )
