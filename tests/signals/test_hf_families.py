@@ -1,7 +1,8 @@
 """Common Hugging Face architectures, built tiny from configs: the default probe equals brute force, none on exact.
 
 Llama, Qwen2, Mistral, Gemma, GPT-NeoX, GPT-2 (``Conv1D`` layers, transposed weights), OPT, T5
-(encoder-decoder, its relative-position bias a (query, key) table every example reads), BERT, ViT, SigLIP's vision tower and Qwen2-VL (its vision tower fed the patches of all images packed
+(encoder-decoder, its relative-position bias a (query, key) table every example reads), BERT, ViT,
+SigLIP's vision tower and Qwen2-VL (its vision tower fed the patches of all images packed
 along dimension 0, as its processor does): ``method="auto"`` must give the Gram ``G G^T`` of a loop of
 per-example ``autograd.grad`` (float64), and no parameter may need exact per-example autograd.
 """
