@@ -52,7 +52,9 @@ from dynamics.signals.row_map import example_layout
 CHUNK_ELEMENTS = 1 << 24  # size of one (tokens x tokens) block of ghost products
 MATERIALIZE_ELEMENTS = 1 << 26  # largest block of materialised per-example gradients (elements)
 PRUNE_RATIO = 8  # count non-zero token rows only if ghost products are within this factor
-DIRECT_GRAM = 1 << 14  # per-example sizes from which a block's Gram is taken at once, not batched
+# Per-example sizes from which a block's Gram goes straight into the float64 K; smaller blocks'
+# Grams are summed in their own dtype first (one n x n addition in float64 per dtype and device).
+DIRECT_GRAM = 1 << 14
 
 
 @contextmanager
@@ -236,8 +238,12 @@ def _row_mask(f: Factored) -> Tensor:
     For a dense ``a`` (an output gradient) only ``a`` is tested: input rows are rarely all zero.
     """
     n, t = f.b.shape[:2]
-    rows = f.b if f.a_index else f.a
-    return rows.reshape(n * t, -1).any(1)
+    rows = (f.b if f.a_index else f.a).reshape(n * t, -1)
+    if rows.shape[1] == 0 or rows.dtype == torch.bool:
+        return rows.any(1)
+    # max != 0 or min != 0, i.e. any(1) (NaN counts, -0.0 does not), in two vectorised
+    # reductions: any(1) on floats ran 7x slower on CPU (3.0 against 0.43 ms at 2048 x 1024).
+    return (rows.amax(1) != 0) | (rows.amin(1) != 0)
 
 
 def _prune(f: Factored, dtype: torch.dtype, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -315,8 +321,9 @@ class GramBuilder:
         self.has_dots = False
         self.paths: dict[str, list[int]] = {"ghost": [], "materialized": []}
         self.eps = torch.finfo(torch.float64).eps
-        self._pending: list[Tensor] = []
-        self._pending_size = 0
+        # Grams of small blocks, one per (dtype, device), summed by addmm_ in place: concatenating the
+        # blocks for one GEMM copied them all, which cost ~3x the products themselves on CPU.
+        self._small: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def _note_dtype(self, dtype: torch.dtype) -> None:
         self.eps = max(self.eps, torch.finfo(dtype).eps)
@@ -333,25 +340,18 @@ class GramBuilder:
         if flat.shape[1] >= DIRECT_GRAM:
             self.K += (flat @ flat.T).double().to(self.device)
             return
-        self._pending.append(flat)
-        self._pending_size += flat.numel()
-        if self._pending_size >= CHUNK_ELEMENTS:
-            self._flush()
+        # a model split over devices keeps its gradients where they are
+        acc = self._small.get((flat.dtype, flat.device))
+        if acc is None:
+            acc = self._small[(flat.dtype, flat.device)] = torch.zeros(
+                self.n, self.n, dtype=flat.dtype, device=flat.device
+            )
+        acc.addmm_(flat, flat.T)
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for g in self._pending:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for blocks in by_dtype.values():
-            by_device: dict[torch.device, list[Tensor]] = {}
-            for g in blocks:  # a model split over devices keeps its gradients where they are
-                by_device.setdefault(g.device, []).append(g)
-            for group in by_device.values():
-                g = torch.cat(group, 1) if len(group) > 1 else group[0]
-                self.K += (g @ g.T).double().to(self.device)
-        self._pending, self._pending_size = [], 0
+        for acc in self._small.values():
+            self.K += acc.double().to(self.device)
+        self._small = {}
 
     @_in_full_precision
     def add_factored(

@@ -254,3 +254,26 @@ def test_products_under_autocast_run_in_float32(method):
     scale = float(exact.gram.abs().max())
     assert scale > 0 and fast.gram.dtype == torch.float64
     assert float((fast.gram - exact.gram).abs().max()) <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_row_mask_is_any_nonzero(dtype):
+    # The mask decides which token rows the ghost products keep: it must be exactly any(1),
+    # with NaN rows kept, rows of -0.0 dropped, and empty rows (no columns) dropped.
+    from dynamics.signals.products import Factored, _row_mask
+
+    rows = torch.randn(4, 3, 6, generator=torch.Generator().manual_seed(0)).to(dtype)
+    rows[0, 1] = 0
+    rows[1, 0] = -0.0
+    rows[2, 2] = 0
+    rows[2, 2, 4] = float("nan")
+    rows[3, 0] = 0
+    rows[3, 0, 5] = -1e-30 if dtype != torch.bfloat16 else -1e-20
+    ids = torch.zeros(4, 3, dtype=torch.long)
+    dense = Factored(rows, rows, False, 6)
+    one_hot = Factored(ids, rows, True, 6)
+    want = rows.reshape(12, 6).any(1)
+    assert want.tolist().count(False) == 2
+    assert torch.equal(_row_mask(dense), want) and torch.equal(_row_mask(one_hot), want)
+    empty = torch.zeros(4, 3, 0, dtype=dtype)
+    assert not _row_mask(Factored(empty, empty, False, 0)).any()
