@@ -464,9 +464,14 @@ class GramBuilder:
         for s0 in range(0, size, step):
             sl = slice(s0, min(size, s0 + step))
             total = None
-            for f in factors:
-                m = self._materialize(f, swap, cols=sl) if by_cols else self._materialize(f, swap, rows=sl)
-                total = m if total is None else total + m
+            # Dense terms first, then one-hot ones scattered into them in place: a tied embedding
+            # (lookup + output layer) would otherwise pay a zeroed table and a sum per block.
+            for f in sorted(factors, key=lambda f: f.a_index):
+                if by_cols:
+                    m = self._materialize(f, swap, cols=sl, into=total)
+                else:
+                    m = self._materialize(f, swap, rows=sl)
+                total = m if total is None or m is total else total.add_(m)  # blocks are fresh tensors
             d = None
             if dmat is not None:
                 d = dmat[:, sl] if by_cols else dmat[sl]
@@ -475,17 +480,25 @@ class GramBuilder:
             self.add_dense(total, d)
 
     def _materialize(
-        self, f: Factored, swap: bool = False, rows: slice | None = None, cols: slice | None = None
+        self,
+        f: Factored,
+        swap: bool = False,
+        rows: slice | None = None,
+        cols: slice | None = None,
+        into: Tensor | None = None,
     ) -> Tensor:
-        """``g_i`` (rows / columns of it) as (n, d_a, d_b), or as (n, d_b, d_a) with ``swap``."""
+        """``g_i`` (rows / columns of it) as (n, d_a, d_b), or as (n, d_b, d_a) with ``swap``.
+
+        A one-hot factor given ``into`` (an unswapped block of the same shape) is added to it in place.
+        """
         dtype = torch.promote_types(f.b.dtype, torch.float32)
         b = f.b.to(dtype) if cols is None else f.b[..., cols].to(dtype)
         n, t, d_b = b.shape
         if f.a_index:
-            g = torch.zeros(n * f.d_a, d_b, dtype=dtype, device=b.device)
+            g = torch.zeros(n * f.d_a, d_b, dtype=dtype, device=b.device) if into is None else into.view(-1, d_b)
             offsets = f.a + torch.arange(n, device=b.device)[:, None] * f.d_a
-            g.index_add_(0, offsets.reshape(-1), b.reshape(n * t, d_b))
-            return g.view(n, f.d_a, d_b)
+            g.index_add_(0, offsets.reshape(-1), b.reshape(n * t, d_b).to(g.dtype))
+            return g.view(n, f.d_a, d_b) if into is None else into
         a = f.a.to(dtype) if rows is None else f.a[..., rows].to(dtype)
         if swap:
             return torch.bmm(b.transpose(1, 2), a)
