@@ -321,8 +321,9 @@ class GramBuilder:
         self.has_dots = False
         self.paths: dict[str, list[int]] = {"ghost": [], "materialized": []}
         self.eps = torch.finfo(torch.float64).eps
-        # Grams of small blocks, one per (dtype, device), summed by addmm_ in place: concatenating the
-        # blocks for one GEMM copied them all, which cost ~3x the products themselves on CPU.
+        # Grams of small blocks, one per (dtype, device), summed by addmm_ in place. Concatenating the
+        # blocks for one GEMM copied them all: 100 blocks of 32 x 64..16 k took 94 ms that way on
+        # CPU against 28 ms by addmm_ (the same sums in another order).
         self._small: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def _note_dtype(self, dtype: torch.dtype) -> None:
@@ -471,7 +472,10 @@ class GramBuilder:
                     m = self._materialize(f, swap, cols=sl, into=total)
                 else:
                     m = self._materialize(f, swap, rows=sl)
-                total = m if total is None or m is total else total.add_(m)  # blocks are fresh tensors
+                if total is None or m is total:
+                    total = m
+                else:  # blocks are fresh tensors: add in place unless the sum needs a wider dtype
+                    total = total.add_(m) if m.dtype == total.dtype else total + m
             d = None
             if dmat is not None:
                 d = dmat[:, sl] if by_cols else dmat[sl]
