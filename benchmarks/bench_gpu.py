@@ -61,6 +61,7 @@ from benchmarks_common import (
     path_counts,
     peak_memory,
     probe_variants,
+    ratio_text,
     ratios_to,
     zoo_case,
 )
@@ -146,8 +147,7 @@ def measure(bench: Bench, label: str, model: nn.Module, batch: dict, task_ids: t
     exact = len(coverage.get("exact", []))
     line = (
         f"{label}  step {1e3 * statistics.median(times['step']):8.1f} ms  "
-        f"cached {r['cached'][0]:.2f}x ({r['cached'][1]:.2f}-{r['cached'][2]:.2f})  "
-        f"cold {r['cold'][0]:.2f}x ({r['cold'][1]:.2f}-{r['cold'][2]:.2f})  exact {exact}"
+        f"cached {ratio_text(r['cached'])}  cold {ratio_text(r['cold'])}  exact {exact}"
     )
     s = peaks["step"]
     if s is not None and peaks["cold"] is not None and peaks["cached"] is not None and s > 0:
@@ -296,7 +296,7 @@ def header(bench: Bench) -> None:
         print(f", {torch.get_num_threads()} CPU thread(s)")
     a = bench.args
     print(
-        f"medians of {a.reps} interleaved rounds (range of the per-round ratios); time budget {a.budget_s:.0f} s; "
+        f"medians of {a.reps} interleaved rounds (range of the per-round ratios; fastest call over fastest step); time budget {a.budget_s:.0f} s; "
         f"{'quick' if a.quick else 'full'} set, {'tiny' if a.tiny else 'real'} sizes",
         flush=True,
     )

@@ -92,7 +92,7 @@ def lm_batch(n: int, seq: int, vocab: int):
 
 
 def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) -> None:
-    from benchmarks_common import interleaved_times, peak_memory, probe_variants, ratios_to
+    from benchmarks_common import interleaved_times, peak_memory, probe_variants, ratio_text, ratios_to
 
     from dynamics import probe
 
@@ -106,8 +106,7 @@ def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) ->
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"{arch:9s} {n_params / 1e6:5.2f} M  n={n:3d} T={seq:5d}  step {1e3 * statistics.median(times['step']):8.1f} ms  "
-        f"cached {r['cached'][0]:.2f}x ({r['cached'][1]:.2f}-{r['cached'][2]:.2f})  "
-        f"cold {r['cold'][0]:.2f}x ({r['cold'][1]:.2f}-{r['cold'][2]:.2f})  paths {paths}",
+        f"cached {ratio_text(r['cached'])}  cold {ratio_text(r['cold'])}  paths {paths}",
         flush=True,
     )
     if memory:
@@ -140,7 +139,7 @@ def main() -> None:
     if args.long:
         args.archs, args.n, args.seq, args.memory = "llama", 8, [1024, 4096], True
     print(
-        f"CPU, {args.threads} thread(s), medians of {args.reps} interleaved rounds (ratio range over rounds)"
+        f"CPU, {args.threads} thread(s), medians of {args.reps} interleaved rounds (ratio range over rounds; fastest call over fastest step)"
     )
     for seq in args.seq:
         for arch in args.archs.split(","):

@@ -19,7 +19,7 @@ import argparse
 import statistics
 
 import torch
-from benchmarks_common import interleaved_times, path_counts, probe_variants, ratios_to, zoo_case
+from benchmarks_common import interleaved_times, path_counts, probe_variants, ratio_text, ratios_to, zoo_case
 
 from dynamics.experiments.imax_dmax.zoo import ARCHITECTURES
 
@@ -37,8 +37,7 @@ def measure(name: str, n: int, reps: int) -> tuple[float, float, int]:
     print(
         f"{name:10s} {n_params / 1e6:5.2f} M  n={n} T={batch['input_ids'].shape[1]:3d}  "
         f"step {1e3 * statistics.median(times['step']):7.1f} ms  "
-        f"cached {r['cached'][0]:.2f}x ({r['cached'][1]:.2f}-{r['cached'][2]:.2f})  "
-        f"cold {r['cold'][0]:.2f}x ({r['cold'][1]:.2f}-{r['cold'][2]:.2f})",
+        f"cached {ratio_text(r['cached'])}  cold {ratio_text(r['cold'])}",
         flush=True,
     )
     counts = path_counts(coverage, model)
@@ -65,7 +64,7 @@ def main() -> None:
         parser.error(f"unknown architectures {unknown}; choose from {sorted(ARCHITECTURES)}")
     print(
         f"CPU, {args.threads} thread(s), float32, reproduction dims ('full' preset), "
-        f"medians of {args.reps} interleaved rounds (ratio range over rounds)"
+        f"medians of {args.reps} interleaved rounds (ratio range over rounds; fastest call over fastest step)"
     )
     results = {a: measure(a, args.n, args.reps) for a in names}
     worst_cached = max(results, key=lambda a: results[a][0])

@@ -53,16 +53,27 @@ def interleaved_times(variants: dict, reps: int, sync=None) -> dict[str, list[fl
     return times
 
 
-def ratios_to(times: dict[str, list[float]], base: str = "step") -> dict[str, tuple[float, float, float]]:
-    """Per variant: (median time / median ``base`` time, lowest and highest per-round ratio)."""
+def ratios_to(
+    times: dict[str, list[float]], base: str = "step"
+) -> dict[str, tuple[float, float, float, float]]:
+    """Per variant: (median time / median ``base`` time, lowest and highest per-round ratio, fastest
+    time / fastest ``base`` time).
+
+    The last is what the timings say with the least noise when noise only ever adds time (another
+    tenant of the machine, a page fault): on a quiet machine it agrees with the first."""
     import statistics
 
     med = statistics.median(times[base])
     out = {}
     for name, ts in times.items():
         per_round = [t / b for t, b in zip(ts, times[base], strict=True)]
-        out[name] = (statistics.median(ts) / med, min(per_round), max(per_round))
+        out[name] = (statistics.median(ts) / med, min(per_round), max(per_round), min(ts) / min(times[base]))
     return out
+
+
+def ratio_text(r: tuple[float, float, float, float]) -> str:
+    """``1.25x (1.01-1.60; fastest 1.10x)``: a :func:`ratios_to` entry as the benchmarks print it."""
+    return f"{r[0]:.2f}x ({r[1]:.2f}-{r[2]:.2f}; fastest {r[3]:.2f}x)"
 
 
 PATHS = ("ghost", "materialized", "rule", "module", "exact", "unused")
