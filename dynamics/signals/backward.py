@@ -20,9 +20,12 @@ from dynamics.signals.axis_cache import Verdict
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.example_axis import check_weights, rows_local
 from dynamics.signals.row_map import discover_row_map
+from dynamics.signals.scale_uses import ScaleUse
+
+Call = ModuleCall | ScaleUse  # what the passes read of either: edges, grad_idx, out_leaves, dys, row_map
 
 
-def _edge_index(calls: list[ModuleCall]) -> tuple[dict[tuple[int, int], int], list[Any]]:
+def _edge_index(calls: list[Call]) -> tuple[dict[tuple[int, int], int], list[Any]]:
     """The distinct output edges of ``calls`` (a call and its parent may share one)."""
     index: dict[tuple[int, int], int] = {}
     edges: list[Any] = []
@@ -37,7 +40,7 @@ def _edge_index(calls: list[ModuleCall]) -> tuple[dict[tuple[int, int], int], li
 
 def backward_to_outputs(
     losses: Tensor,
-    calls: list[ModuleCall],
+    calls: list[Call],
     retain_graph: bool,
     known: dict[int, Verdict] | None = None,
     one_pass: bool = False,
@@ -90,7 +93,7 @@ def backward_to_outputs(
         grads = torch.autograd.grad(
             losses, edges, grad_outputs=ones, retain_graph=retain_graph, allow_unused=True
         )
-    users: dict[int, list[ModuleCall]] = {}
+    users: dict[int, list[Call]] = {}
     for c in calls:
         for e in c.edges:
             users.setdefault(index[(id(e.node), e.output_nr)], []).append(c)
@@ -113,7 +116,7 @@ def backward_to_outputs(
     return {cid for cid, v in verdicts.items() if v is False}, verdicts
 
 
-def _dys(c: ModuleCall, grads: tuple, index: dict[tuple[int, int], int]) -> list[Tensor]:
+def _dys(c: Call, grads: tuple, index: dict[tuple[int, int], int]) -> list[Tensor]:
     out = []
     for k, e in zip(c.grad_idx, c.edges, strict=True):
         g = grads[index[(id(e.node), e.output_nr)]]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.capture import Capture
 from dynamics.signals.plan import Plan
+from dynamics.signals.scale_uses import ScaleUse
 
 
 def _signature(t: Any) -> Any:
@@ -36,11 +37,15 @@ def forward_structure(cap: Capture, pl: Plan) -> tuple[Any, dict[int, nn.Module]
             for c in cap.calls.get(mid, [])
         )
         per_module.append((mid, type(m), calls))
-    return (tuple(per_module), pl.graph_size, pl.uses), dict(cap.hooked)
+    scales = tuple((u.key, _signature(u.x)) for uses in pl.scale.values() for u in uses)
+    return (tuple(per_module), pl.graph_size, pl.uses, scales), dict(cap.hooked)
 
 
-def call_key(call: ModuleCall, cap: Capture) -> tuple[int, int]:
-    """``(id(module), index of the call among that module's calls)``: stable across equal structures."""
+def call_key(call: ModuleCall | ScaleUse, cap: Capture) -> tuple[Any, int]:
+    """``(id(module), index of the call among that module's calls)``, or ``("scale", index)`` for a
+    product of :mod:`.scale_uses`: stable across equal structures."""
+    if isinstance(call, ScaleUse):
+        return ("scale", call.key)
     calls = cap.calls[id(call.module)]
     for i, c in enumerate(calls):
         if c is call:

@@ -49,6 +49,7 @@ from dynamics.signals.products import (
     transposed_linear_weight_factor,
 )
 from dynamics.signals.row_map import reusable, row_view, sum_rows
+from dynamics.signals.scale_uses import scale_per_example_grads
 from dynamics.signals.sharding import can_gather, gathered, is_sharded
 
 METHODS = ("auto", "ghost", "materialize", "exact")
@@ -117,10 +118,10 @@ def compute_gram(
             store({call_key(c, capture): v for c in pl.calls_needed if reusable(v := verdicts[id(c)])})
         exact_params = list(pl.exact)
         exact_params += _add_factored(builder, capture, pl, params, nonlocal_calls, direction)
+        exact_params += _add_scales(builder, capture, pl, params, nonlocal_calls, direction, paths)
         exact_params += _add_modules(builder, capture, pl, nonlocal_calls, direction, paths)
-        for calls in capture.calls.values():
-            for c in calls:
-                c.dys = []  # free the output gradients early
+        for c in [*(c for calls in capture.calls.values() for c in calls), *pl.calls_needed]:
+            c.dys = []  # free the output gradients early
         freed = not keep_graph
     _add_exact(builder, losses, exact_params, capture, direction, paths, recompute if freed else None, freed)
     gram = builder.finish()
@@ -221,6 +222,29 @@ def _add_factored(
             continue
         factors, dense = _factors_of(capture, p, calls, builder.n)
         builder.add_factored(pid, capture.shape(p), factors, dense, direction.get(pid))
+    return failed
+
+
+def _add_scales(
+    builder: GramBuilder,
+    capture: Capture,
+    pl: Plan,
+    params: list[Tensor],
+    nonlocal_calls: set[int],
+    direction: dict[int, Tensor],
+    paths: dict[str, list[int]],
+) -> list[Tensor]:
+    """Add the parameters used as elementwise scales (closed form, :mod:`.scale_uses`); returns the failures."""
+    by_id = {id(p): p for p in params}
+    failed = []
+    for pid, uses in pl.scale.items():
+        if any(id(u) in nonlocal_calls for u in uses):
+            failed.append(by_id[pid])
+            continue
+        builder.add_dense(
+            scale_per_example_grads(uses, capture.shape(by_id[pid]), builder.n), direction.get(pid)
+        )
+        paths["rule"].append(pid)
     return failed
 
 

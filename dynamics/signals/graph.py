@@ -15,7 +15,11 @@ GRAPH_LIMIT = 2_000_000  # nodes; a local traversal longer than this gives up (-
 
 
 def graph_edge_counts(
-    roots: list[Any], targets: set[int], stop: set[int], limit: int | None = None
+    roots: list[Any],
+    targets: set[int],
+    stop: set[int],
+    limit: int | None = None,
+    parents: dict[int, list[tuple[Any, int]]] | None = None,
 ) -> tuple[dict[int, int], set[int]] | None:
     """Count graph edges into the targets: ``AccumulateGrad`` nodes of leaf tensors, or other nodes.
 
@@ -23,7 +27,8 @@ def graph_edge_counts(
     graph nodes (an edge into the node counts, and the walk does not enter it: FSDP1 hands a module
     a view of its flat parameter, whose view node stands for the parameter). Walks
     ``next_functions`` from ``roots`` (each node once), not entering nodes whose id is in ``stop``.
-    Returns ``(counts by target id, ids of visited nodes)``, or None past ``limit`` nodes.
+    Returns ``(counts by target id, ids of visited nodes)``, or None past ``limit`` nodes. Given
+    ``parents``, also records for each leaf target the ``(node, input index)`` of every counted edge.
     """
     counts: dict[int, int] = defaultdict(int)
     seen: dict[int, Any] = {}  # holds the node objects so that their ids stay unique
@@ -34,13 +39,15 @@ def graph_edge_counts(
             stack.append(r)
     while stack:
         node = stack.pop()
-        for nxt, _ in node.next_functions:
+        for k, (nxt, _) in enumerate(node.next_functions):
             if nxt is None:
                 continue
             if type(nxt).__name__ == "AccumulateGrad":
                 pid = id(nxt.variable)
                 if pid in targets:
                     counts[pid] += 1
+                    if parents is not None:
+                        parents.setdefault(pid, []).append((node, k))
                 continue
             key = id(nxt)
             if key in targets:

@@ -4,12 +4,15 @@
    ``nn.Conv1d/2d`` (or patch ``nn.Conv3d``) call on a batch-first input, or on rows of several
    examples (a *row-mapped* call, below); ``g_i`` is a sum over tokens (positions) of outer
    products (see :mod:`.products`);
-2. ``module``: otherwise, the innermost captured module (the owner itself for norms,
+2. ``scale``: every use of ``p`` is an elementwise product ``p * x`` in the graph with a
+   batch-first ``x`` (layer scales, gates; :mod:`.scale_uses`), unless ``p`` belongs to a
+   normalisation layer with a closed-form rule (which stays on the module path);
+3. ``module``: otherwise, the innermost captured module (the owner itself for norms,
    ``class_embedding`` and the like, or an ancestor, e.g. for an embedding applied to broadcast
    position ids) whose calls are batch-first and contain every use of ``p``; per-example gradients
    come from a closed form for normalisation layers (:mod:`.layer_rules`) or a vector-Jacobian
    product of that module alone (:mod:`.module_grads`);
-3. ``exact``: per-example autograd through the whole model (:mod:`.gram_exact`).
+4. ``exact``: per-example autograd through the whole model (:mod:`.gram_exact`).
 
 "Every use of ``p``" is checked on the autograd graph, not assumed (:mod:`.graph`): the number of
 graph edges into ``p``'s gradient accumulator reachable from the loss must equal the number found
@@ -38,6 +41,7 @@ or when ``n > 32`` (the check weights repeat). ``Plan.rows`` lists these calls. 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -47,6 +51,8 @@ from dynamics.signals.graph import graph_edge_counts
 from dynamics.signals.layer_kinds import FACTORED_KINDS, contains_unsupported
 from dynamics.signals.layer_rules import rule_kind
 from dynamics.signals.row_map import row_count
+from dynamics.signals.scale_uses import ScaleUse, find_scale_uses
+from dynamics.signals.sharding import is_sharded
 
 NO_GRAD_MESSAGE = (
     "the probe loss does not depend on any parameter that requires grad; "
@@ -62,28 +68,33 @@ class Plan:
     module: dict[int, tuple[nn.Module, list[Tensor]]]  # module id -> (module, params it covers)
     exact: list[Tensor]
     unused: list[Tensor]
-    calls_needed: list[ModuleCall]
+    calls_needed: list[ModuleCall | ScaleUse]
     graph_size: int = 0  # autograd nodes reachable from the loss
     uses: tuple[int, ...] = ()  # graph edges into each chosen parameter, in order
     # id of each row-mapped call -> its number of rows (:mod:`.row_map`)
     rows: dict[int, int] = field(default_factory=dict)
+    scale: dict[int, list[ScaleUse]] = field(default_factory=dict)  # param id -> its products p * x
 
     def live_calls(self, cap: Capture, module: nn.Module) -> list[ModuleCall]:
         return [c for c in cap.calls.get(id(module), []) if c.live]
 
 
-def _uses(cap: Capture, loss_sum: Tensor) -> tuple[dict[int, int], set[int]]:
-    """Graph edges into each chosen parameter from the loss (by param id), and the reachable nodes."""
+def _uses(
+    cap: Capture, loss_sum: Tensor
+) -> tuple[dict[int, int], set[int], dict[int, list[tuple[Any, int]]]]:
+    """Graph edges into each chosen parameter from the loss (by param id), the reachable nodes, and
+    the ``(node, input index)`` of each edge into a parameter's own accumulator (by param id)."""
     if loss_sum.grad_fn is None:
         raise ValueError(NO_GRAD_MESSAGE)
-    res = graph_edge_counts([loss_sum.grad_fn], cap.targets, set())
+    parents: dict[int, list[tuple[Any, int]]] = {}
+    res = graph_edge_counts([loss_sum.grad_fn], cap.targets, set(), parents=parents)
     assert res is not None
     counts, reachable = res
     total: dict[int, int] = {}
     for tid, c in counts.items():
         pid = cap.canon.get(tid, tid)
         total[pid] = total.get(pid, 0) + c
-    return total, reachable
+    return total, reachable, parents
 
 
 def _covers(cap: Capture, calls: list[ModuleCall], p: Tensor, need: int, n: int, rows: bool = False) -> bool:
@@ -120,9 +131,21 @@ def _covering_module(cap: Capture, p: Tensor, need: int, n: int, kinds: set[str]
     return None
 
 
+def _scale_uses(
+    cap: Capture, p: Tensor, need: int, n: int, parents: dict[int, list[tuple[Any, int]]], first_key: int
+) -> list[ScaleUse] | None:
+    """``p``'s products ``p * x`` when they are all of its ``need`` uses (whole parameters only)."""
+    if is_sharded(p):
+        return None
+    edges = parents.get(id(p), [])
+    if len(edges) != need:  # some use goes through an alias (FSDP, a view): not a plain product
+        return None
+    return find_scale_uses(edges, cap.shape(p), n, first_key)
+
+
 def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Plan:
     """Assign every chosen parameter to the cheapest path whose coverage check passes."""
-    total, reachable = _uses(cap, loss_sum)
+    total, reachable, parents = _uses(cap, loss_sum)
     for calls in cap.calls.values():
         for c in calls:
             c.live = any(id(e.node) in reachable for e in c.edges)
@@ -141,6 +164,11 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
             pl.factored[id(p)] = owner_calls
             continue
         m = _covering_module(cap, p, need, n, kinds)
+        if m is None or not (rule_kind(m) and m in cap.owners.get(id(p), [])):
+            uses = _scale_uses(cap, p, need, n, parents, sum(len(u) for u in pl.scale.values()))
+            if uses is not None:
+                pl.scale[id(p)] = uses
+                continue
         if m is None:
             pl.exact.append(p)
         else:
@@ -151,6 +179,6 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
         needed.update((id(c), c) for c in calls)
     for m, _ in pl.module.values():
         needed.update((id(c), c) for c in pl.live_calls(cap, m))
-    pl.calls_needed = list(needed.values())
-    pl.rows = {id(c): r for c in pl.calls_needed if not c.batch_first(n) and (r := row_count(c)) is not None}
+    pl.rows = {id(c): r for c in needed.values() if not c.batch_first(n) and (r := row_count(c)) is not None}
+    pl.calls_needed = [*needed.values(), *(u for uses in pl.scale.values() for u in uses)]
     return pl

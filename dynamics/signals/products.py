@@ -499,7 +499,11 @@ class GramBuilder:
         b = f.b.to(dtype) if cols is None else f.b[..., cols].to(dtype)
         n, t, d_b = b.shape
         if f.a_index:
-            g = torch.zeros(n * f.d_a, d_b, dtype=dtype, device=b.device) if into is None else into.view(-1, d_b)
+            g = (
+                torch.zeros(n * f.d_a, d_b, dtype=dtype, device=b.device)
+                if into is None
+                else into.view(-1, d_b)
+            )
             offsets = f.a + torch.arange(n, device=b.device)[:, None] * f.d_a
             g.index_add_(0, offsets.reshape(-1), b.reshape(n * t, d_b).to(g.dtype))
             return g.view(n, f.d_a, d_b) if into is None else into

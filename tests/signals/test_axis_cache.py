@@ -157,7 +157,8 @@ class SharedTable(torch.nn.Module):
         self.head = torch.nn.Linear(d, 3)
 
     def forward(self, x, table):
-        return self.head(torch.tanh(x * self.scale + table.mean(0)))
+        # exp: not a plain product p * x, which the scale path would cover (tests/signals/test_scale_uses.py)
+        return self.head(torch.tanh(x * self.scale.exp() + table.mean(0)))
 
 
 def test_module_rerun_failing_after_the_graph_was_freed_recomputes_the_losses(weighted_passes, monkeypatch):

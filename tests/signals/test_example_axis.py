@@ -140,7 +140,8 @@ class SharedTable(nn.Module):
         self.head = nn.Linear(D, 3)
 
     def forward(self, x, table):
-        return self.head(torch.tanh(x * self.scale + table.mean(0)))
+        # exp: not a plain product p * x, which the scale path would cover (tests/signals/test_scale_uses.py)
+        return self.head(torch.tanh(x * self.scale.exp() + table.mean(0)))
 
 
 def test_shared_input_of_length_n_is_not_split_by_the_module_path():

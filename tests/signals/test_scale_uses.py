@@ -1,0 +1,143 @@
+"""Parameters used as elementwise scales (``p * x`` in the graph): the closed form against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dynamics import probe
+from dynamics.signals.axis_cache import clear
+from tests.reference import ref_grads
+from tests.signals.signals_helpers import assert_gram
+
+N, T, D = 6, 4, 5
+
+
+class LayerScaled(nn.Module):
+    """Layer scales as InternVL, ConvNeXt and DINOv2 write them, used in every way a product allows."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.lambda_1 = nn.Parameter(torch.randn(D))  # left operand
+        self.lambda_2 = nn.Parameter(torch.randn(D))  # right operand, and used twice
+        self.gamma = nn.Parameter(torch.randn(2, 1, 1))  # channel scale of an (n, C, H, W) map
+        self.head = nn.Linear(D + 4 * T, 3)
+
+    def forward(self, x):
+        h = self.inp(x)  # (n, T, D)
+        h = h + self.lambda_1 * torch.tanh(h)
+        h = h + torch.sin(h) * self.lambda_2
+        h = h * self.lambda_2
+        maps = h[..., :4].reshape(x.shape[0], 2, T, 2)  # (n, C = 2, H = T, W = 2)
+        maps = self.gamma * torch.relu(maps)
+        return self.head(torch.cat([h.mean(1), maps.flatten(1)], 1))
+
+
+class Mixing(nn.Module):
+    """A scale whose product's rows reach every example's loss (a batch mean): no closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.scale = nn.Parameter(torch.randn(D))
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        z = self.scale * torch.tanh(self.inp(x))  # (n, D): rows look batch-first
+        return self.head(z + z.mean(0, keepdim=True))
+
+
+def _batch(dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(N, T, D, generator=gen, dtype=dtype),
+        "labels": torch.randint(0, 3, (N,), generator=gen),
+    }
+
+
+def _coverage(res) -> dict[str, str]:
+    return {name: path for path, names in res.coverage.items() for name in names}
+
+
+@pytest.mark.parametrize("method", ["auto", "materialize"])
+def test_layer_scales_match_brute_force_by_their_closed_form(method):
+    torch.manual_seed(0)
+    model = LayerScaled().double()
+    batch = _batch()
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    for _ in range(2):  # the first probe verifies the example axis, the second reuses the verdicts
+        res = probe(model, batch, task_ids=torch.arange(N) % 2, method=method)
+        assert_gram(res, G)
+        cov = _coverage(res)
+        for name in ("lambda_1", "lambda_2", "gamma"):
+            assert cov[name] == "rule", name
+        assert res.coverage["module"] == [] and res.coverage["exact"] == []
+
+
+def test_layer_scale_direction_dots_match_explicit_vectors():
+    torch.manual_seed(1)
+    model = LayerScaled().double()
+    batch = _batch(seed=1)
+    params = list(model.parameters())
+    G, _, weights = ref_grads(model, batch, params, "classification")
+    gen = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    d = torch.cat([x.reshape(-1) for x in direction]).numpy()
+    task_ids = torch.arange(N) % 2
+    res = probe(model, batch, task_ids=task_ids, direction=direction)
+    for a in range(2):
+        members = task_ids.numpy() == a
+        g = (weights[members, None] / weights[members].sum() * G[members]).sum(0)
+        want = g @ d / (np.linalg.norm(g) * np.linalg.norm(d))
+        assert res.direction_cosine[a].item() == pytest.approx(want, rel=1e-9)
+
+
+def test_a_scale_whose_rows_mix_examples_fails_the_check_and_goes_to_exact_autograd():
+    torch.manual_seed(2)
+    model = Mixing().double()
+    batch = {"x": torch.randn(N, D, dtype=torch.float64), "labels": torch.randint(0, 3, (N,))}
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    res = probe(model, batch, task_ids=torch.arange(N) % 2)
+    assert_gram(res, G)
+    assert _coverage(res)["scale"] == "exact"
+
+
+def test_an_in_place_product_is_covered_or_falls_back_but_is_never_wrong():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(D, D)
+            self.scale = nn.Parameter(torch.randn(D))
+            self.head = nn.Linear(D, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x)).clone()
+            h.mul_(self.scale)  # the node saves the factor before the in-place change, or cannot be read
+            return self.head(h.mean(1))
+
+    torch.manual_seed(3)
+    model = InPlace().double()
+    batch = _batch(seed=3)
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    res = probe(model, batch, task_ids=torch.arange(N) % 2)
+    assert_gram(res, G)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_scales_in_low_precision_against_the_float64_reference(dtype):
+    torch.manual_seed(4)
+    model = LayerScaled().double()
+    batch = _batch(seed=4)
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    low = LayerScaled().to(dtype)
+    low.load_state_dict(model.state_dict())
+    res = probe(low, {"x": batch["x"].to(dtype), "labels": batch["labels"]}, task_ids=torch.arange(N) % 2)
+    K = G @ G.T
+    # bfloat16 activations carry ~3 significant digits through a few layers
+    tol = 2e-4 if dtype == torch.float32 else 8e-2
+    assert np.abs(res.gram.numpy() - K).max() <= tol * np.abs(K).max()
+    assert _coverage(res)["lambda_1"] == "rule"
+    clear(low)
