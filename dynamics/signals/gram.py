@@ -8,7 +8,8 @@ takes the per-example losses of ONE forward pass that ran inside a :class:`~.cap
   captured output, :mod:`.example_axis`, or discovers the example of each row of a call that sees
   several examples' rows at once, :mod:`.row_map`); Linear/Embedding/Conv weights by ghost products or
   materialised per-example gradients, whichever is cheaper per parameter (:mod:`.products`);
-  normalisation layers by closed forms (:mod:`.layer_rules`); other parameters by module-local
+  normalisation layers by closed forms (:mod:`.layer_rules`), parameters used as elementwise scales
+  by theirs (:mod:`.scale_uses`); other parameters by module-local
   vector-Jacobian products (:mod:`.module_grads`); parameters the fast path cannot prove it covers,
   or whose example axis fails a check, by exact per-example autograd (:mod:`.gram_exact`). See
   :mod:`.capture` for the coverage rules;
