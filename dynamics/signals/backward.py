@@ -18,11 +18,13 @@ from torch import Tensor
 
 from dynamics.signals.axis_cache import Verdict
 from dynamics.signals.calls import ModuleCall
+from dynamics.signals.elementwise_uses import ElementwiseUse
 from dynamics.signals.example_axis import check_weights, rows_local
 from dynamics.signals.row_map import discover_row_map
-from dynamics.signals.scale_uses import ScaleUse
 
-Call = ModuleCall | ScaleUse  # what the passes read of either: edges, grad_idx, out_leaves, dys, row_map
+Call = (
+    ModuleCall | ElementwiseUse
+)  # what the passes read of either: edges, grad_idx, out_leaves, dys, row_map
 
 
 def _edge_index(calls: list[Call]) -> tuple[dict[tuple[int, int], int], list[Any]]:

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.capture import Capture
+from dynamics.signals.elementwise_uses import ElementwiseUse
 from dynamics.signals.plan import Plan
-from dynamics.signals.scale_uses import ScaleUse
 
 
 def _signature(t: Any) -> Any:
@@ -37,15 +37,15 @@ def forward_structure(cap: Capture, pl: Plan) -> tuple[Any, dict[int, nn.Module]
             for c in cap.calls.get(mid, [])
         )
         per_module.append((mid, type(m), calls))
-    scales = tuple((u.key, _signature(u.x)) for uses in pl.scale.values() for u in uses)
-    return (tuple(per_module), pl.graph_size, pl.uses, scales), dict(cap.hooked)
+    uses = tuple((u.key, u.shape, u.dtype, u.x is None) for us in pl.elementwise.values() for u in us)
+    return (tuple(per_module), pl.graph_size, pl.uses, uses), dict(cap.hooked)
 
 
-def call_key(call: ModuleCall | ScaleUse, cap: Capture) -> tuple[Any, int]:
-    """``(id(module), index of the call among that module's calls)``, or ``("scale", index)`` for a
-    product of :mod:`.scale_uses`: stable across equal structures."""
-    if isinstance(call, ScaleUse):
-        return ("scale", call.key)
+def call_key(call: ModuleCall | ElementwiseUse, cap: Capture) -> tuple[Any, int]:
+    """``(id(module), index of the call among that module's calls)``, or ``("elementwise", index)``
+    for a use of :mod:`.elementwise_uses`: stable across equal structures."""
+    if isinstance(call, ElementwiseUse):
+        return ("elementwise", call.key)
     calls = cap.calls[id(call.module)]
     for i, c in enumerate(calls):
         if c is call:

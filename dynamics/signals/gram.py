@@ -8,8 +8,8 @@ takes the per-example losses of ONE forward pass that ran inside a :class:`~.cap
   captured output, :mod:`.example_axis`, or discovers the example of each row of a call that sees
   several examples' rows at once, :mod:`.row_map`); Linear/Embedding/Conv weights by ghost products or
   materialised per-example gradients, whichever is cheaper per parameter (:mod:`.products`);
-  normalisation layers by closed forms (:mod:`.layer_rules`), parameters used as elementwise scales
-  by theirs (:mod:`.scale_uses`); other parameters by module-local
+  normalisation layers by closed forms (:mod:`.layer_rules`), parameters used elementwise (scales,
+  added or expanded tensors) by theirs (:mod:`.elementwise_uses`); other parameters by module-local
   vector-Jacobian products (:mod:`.module_grads`); parameters the fast path cannot prove it covers,
   or whose example axis fails a check, by exact per-example autograd (:mod:`.gram_exact`). See
   :mod:`.capture` for the coverage rules;
@@ -33,6 +33,7 @@ from dynamics.signals.backward import backward_to_outputs
 from dynamics.signals.cache_key import call_key, forward_structure
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.capture import Capture
+from dynamics.signals.elementwise_uses import elementwise_per_example_grads
 from dynamics.signals.gram_exact import per_example_grads
 from dynamics.signals.layer_kinds import module_kind
 from dynamics.signals.layer_rules import rule_kind, rule_per_example_grads
@@ -50,7 +51,6 @@ from dynamics.signals.products import (
     transposed_linear_weight_factor,
 )
 from dynamics.signals.row_map import reusable, row_view, sum_rows
-from dynamics.signals.scale_uses import scale_per_example_grads
 from dynamics.signals.sharding import can_gather, gathered, is_sharded
 
 METHODS = ("auto", "ghost", "materialize", "exact")
@@ -119,7 +119,7 @@ def compute_gram(
             store({call_key(c, capture): v for c in pl.calls_needed if reusable(v := verdicts[id(c)])})
         exact_params = list(pl.exact)
         exact_params += _add_factored(builder, capture, pl, params, nonlocal_calls, direction)
-        exact_params += _add_scales(builder, capture, pl, params, nonlocal_calls, direction, paths)
+        exact_params += _add_elementwise(builder, capture, pl, params, nonlocal_calls, direction, paths)
         exact_params += _add_modules(builder, capture, pl, nonlocal_calls, direction, paths)
         for c in [*(c for calls in capture.calls.values() for c in calls), *pl.calls_needed]:
             c.dys = []  # free the output gradients early
@@ -226,7 +226,7 @@ def _add_factored(
     return failed
 
 
-def _add_scales(
+def _add_elementwise(
     builder: GramBuilder,
     capture: Capture,
     pl: Plan,
@@ -235,15 +235,15 @@ def _add_scales(
     direction: dict[int, Tensor],
     paths: dict[str, list[int]],
 ) -> list[Tensor]:
-    """Add the parameters used as elementwise scales (closed form, :mod:`.scale_uses`); returns the failures."""
+    """Add the parameters used elementwise (closed forms, :mod:`.elementwise_uses`); returns the failures."""
     by_id = {id(p): p for p in params}
     failed = []
-    for pid, uses in pl.scale.items():
+    for pid, uses in pl.elementwise.items():
         if any(id(u) in nonlocal_calls for u in uses):
             failed.append(by_id[pid])
             continue
         builder.add_dense(
-            scale_per_example_grads(uses, capture.shape(by_id[pid]), builder.n), direction.get(pid)
+            elementwise_per_example_grads(uses, capture.shape(by_id[pid]), builder.n), direction.get(pid)
         )
         paths["rule"].append(pid)
     return failed

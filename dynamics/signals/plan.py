@@ -4,9 +4,10 @@
    ``nn.Conv1d/2d`` (or patch ``nn.Conv3d``) call on a batch-first input, or on rows of several
    examples (a *row-mapped* call, below); ``g_i`` is a sum over tokens (positions) of outer
    products (see :mod:`.products`);
-2. ``scale``: every use of ``p`` is an elementwise product ``p * x`` in the graph with a
-   batch-first ``x`` (layer scales, gates; :mod:`.scale_uses`), unless ``p`` belongs to a
-   normalisation layer with a closed-form rule (which stays on the module path);
+2. ``elementwise``: every use of ``p`` is a product ``p * x``, a sum ``x + p`` or a copy
+   ``expand(p)`` in the graph, broadcast into ``n`` rows (layer scales, gates, added position
+   embeddings, class tokens; :mod:`.elementwise_uses`), unless ``p`` belongs to a normalisation
+   layer with a closed-form rule (which stays on the module path);
 3. ``module``: otherwise, the innermost captured module (the owner itself for norms,
    ``class_embedding`` and the like, or an ancestor, e.g. for an embedding applied to broadcast
    position ids) whose calls are batch-first and contain every use of ``p``; per-example gradients
@@ -47,12 +48,11 @@ from torch import Tensor, nn
 
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.capture import Capture
+from dynamics.signals.elementwise_uses import ElementwiseUse, find_elementwise_uses
 from dynamics.signals.graph import graph_edge_counts
 from dynamics.signals.layer_kinds import FACTORED_KINDS, contains_unsupported
 from dynamics.signals.layer_rules import rule_kind
 from dynamics.signals.row_map import row_count
-from dynamics.signals.scale_uses import ScaleUse, find_scale_uses
-from dynamics.signals.sharding import is_sharded
 
 NO_GRAD_MESSAGE = (
     "the probe loss does not depend on any parameter that requires grad; "
@@ -68,12 +68,12 @@ class Plan:
     module: dict[int, tuple[nn.Module, list[Tensor]]]  # module id -> (module, params it covers)
     exact: list[Tensor]
     unused: list[Tensor]
-    calls_needed: list[ModuleCall | ScaleUse]
+    calls_needed: list[ModuleCall | ElementwiseUse]
     graph_size: int = 0  # autograd nodes reachable from the loss
     uses: tuple[int, ...] = ()  # graph edges into each chosen parameter, in order
     # id of each row-mapped call -> its number of rows (:mod:`.row_map`)
     rows: dict[int, int] = field(default_factory=dict)
-    scale: dict[int, list[ScaleUse]] = field(default_factory=dict)  # param id -> its products p * x
+    elementwise: dict[int, list[ElementwiseUse]] = field(default_factory=dict)  # param id -> its uses
 
     def live_calls(self, cap: Capture, module: nn.Module) -> list[ModuleCall]:
         return [c for c in cap.calls.get(id(module), []) if c.live]
@@ -131,16 +131,19 @@ def _covering_module(cap: Capture, p: Tensor, need: int, n: int, kinds: set[str]
     return None
 
 
-def _scale_uses(
+def _elementwise_uses(
     cap: Capture, p: Tensor, need: int, n: int, parents: dict[int, list[tuple[Any, int]]], first_key: int
-) -> list[ScaleUse] | None:
-    """``p``'s products ``p * x`` when they are all of its ``need`` uses (whole parameters only)."""
-    if is_sharded(p):
+) -> list[ElementwiseUse] | None:
+    """``p``'s elementwise uses when they are all of its ``need`` uses.
+
+    Under FSDP2 the edges lead to the unsharded parameter the forward used (an alias of ``p``);
+    FSDP1 hands modules views of a flat parameter, whose uses are not edges into an accumulator,
+    so the count falls short and ``p`` takes another path.
+    """
+    edges = [e for tid, es in parents.items() if cap.canon.get(tid, tid) == id(p) for e in es]
+    if len(edges) != need:
         return None
-    edges = parents.get(id(p), [])
-    if len(edges) != need:  # some use goes through an alias (FSDP, a view): not a plain product
-        return None
-    return find_scale_uses(edges, cap.shape(p), n, first_key)
+    return find_elementwise_uses(edges, cap.shape(p), n, first_key)
 
 
 def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Plan:
@@ -165,9 +168,9 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
             continue
         m = _covering_module(cap, p, need, n, kinds)
         if m is None or not (rule_kind(m) and m in cap.owners.get(id(p), [])):
-            uses = _scale_uses(cap, p, need, n, parents, sum(len(u) for u in pl.scale.values()))
+            uses = _elementwise_uses(cap, p, need, n, parents, sum(len(u) for u in pl.elementwise.values()))
             if uses is not None:
-                pl.scale[id(p)] = uses
+                pl.elementwise[id(p)] = uses
                 continue
         if m is None:
             pl.exact.append(p)
@@ -180,5 +183,5 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
     for m, _ in pl.module.values():
         needed.update((id(c), c) for c in pl.live_calls(cap, m))
     pl.rows = {id(c): r for c in needed.values() if not c.batch_first(n) and (r := row_count(c)) is not None}
-    pl.calls_needed = [*needed.values(), *(u for uses in pl.scale.values() for u in uses)]
+    pl.calls_needed = [*needed.values(), *(u for uses in pl.elementwise.values() for u in uses)]
     return pl

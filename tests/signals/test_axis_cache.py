@@ -157,7 +157,7 @@ class SharedTable(torch.nn.Module):
         self.head = torch.nn.Linear(d, 3)
 
     def forward(self, x, table):
-        # exp: not a plain product p * x, which the scale path would cover (tests/signals/test_scale_uses.py)
+        # exp: not a plain product p * x, which the elementwise path covers (tests/signals/test_elementwise_uses.py)
         return self.head(torch.tanh(x * self.scale.exp() + table.mean(0)))
 
 

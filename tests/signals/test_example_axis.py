@@ -140,7 +140,7 @@ class SharedTable(nn.Module):
         self.head = nn.Linear(D, 3)
 
     def forward(self, x, table):
-        # exp: not a plain product p * x, which the scale path would cover (tests/signals/test_scale_uses.py)
+        # exp: not a plain product p * x, which the elementwise path covers (tests/signals/test_elementwise_uses.py)
         return self.head(torch.tanh(x * self.scale.exp() + table.mean(0)))
 
 

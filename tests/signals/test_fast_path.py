@@ -67,7 +67,7 @@ def test_awkward_uses_match_brute_force(method):
     for name in ("proj.weight", "viewed.weight"):
         assert cov[name] == "module", name
     # owned by a ParameterDict and multiplied into an activation by the parent: the product's
-    # closed form (scale_uses), with no module re-run
+    # closed form (elementwise_uses), with no module re-run
     assert cov["extra.scale"] == "rule"
     # looked up with broadcast ids: its output is expanded to one row per example, then factored
     for name in ("emb.weight", "pos.weight"):

@@ -1,4 +1,4 @@
-"""Parameters used as elementwise scales (``p * x`` in the graph): the closed form against brute force."""
+"""Parameters used elementwise (``p * x``, ``x + p``, ``p.expand``): the closed forms against brute force."""
 
 from __future__ import annotations
 
@@ -48,6 +48,25 @@ class Mixing(nn.Module):
     def forward(self, x):
         z = self.scale * torch.tanh(self.inp(x))  # (n, D): rows look batch-first
         return self.head(z + z.mean(0, keepdim=True))
+
+
+class PatchEmbeddings(nn.Module):
+    """A ViT-style stem: a class token expanded over the batch, learned positions added, an offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Linear(D, D)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D))
+        self.position = nn.Parameter(torch.randn(1, T + 1, D))
+        self.offset = nn.Parameter(torch.randn(D))  # added twice, once as the left operand
+        self.doubled = nn.Parameter(torch.randn(D))  # x + 2 * p (alpha): not a plain sum
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch(x)], 1) + self.position
+        h = torch.tanh(self.offset + h) + self.offset
+        h = torch.add(torch.sin(h), self.doubled, alpha=2.0)
+        return self.head(h[:, 0] + h[:, 1:].mean(1))
 
 
 def _batch(dtype=torch.float64, seed=0):
@@ -141,3 +160,17 @@ def test_layer_scales_in_low_precision_against_the_float64_reference(dtype):
     assert np.abs(res.gram.numpy() - K).max() <= tol * np.abs(K).max()
     assert _coverage(res)["lambda_1"] == "rule"
     clear(low)
+
+
+def test_added_and_expanded_parameters_match_brute_force_by_their_closed_form():
+    torch.manual_seed(5)
+    model = PatchEmbeddings().double()
+    batch = _batch(seed=5)
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    for _ in range(2):
+        res = probe(model, batch, task_ids=torch.arange(N) % 2)
+        assert_gram(res, G)
+        cov = _coverage(res)
+        for name in ("cls_token", "position", "offset"):
+            assert cov[name] == "rule", name
+        assert cov["doubled"] in ("module", "exact")  # alpha != 1: another path, still exact
