@@ -60,12 +60,13 @@ class PatchEmbeddings(nn.Module):
         self.position = nn.Parameter(torch.randn(1, T + 1, D))
         self.offset = nn.Parameter(torch.randn(D))  # added twice, once as the left operand
         self.doubled = nn.Parameter(torch.randn(D))  # x + 2 * p (alpha): not a plain sum
+        self.shift = nn.Parameter(torch.randn(D))  # x - p: not recognised either
         self.head = nn.Linear(D, 3)
 
     def forward(self, x):
         h = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), self.patch(x)], 1) + self.position
         h = torch.tanh(self.offset + h) + self.offset
-        h = torch.add(torch.sin(h), self.doubled, alpha=2.0)
+        h = torch.add(torch.sin(h), self.doubled, alpha=2.0) - self.shift
         return self.head(h[:, 0] + h[:, 1:].mean(1))
 
 
@@ -173,4 +174,5 @@ def test_added_and_expanded_parameters_match_brute_force_by_their_closed_form():
         cov = _coverage(res)
         for name in ("cls_token", "position", "offset"):
             assert cov[name] == "rule", name
-        assert cov["doubled"] in ("module", "exact")  # alpha != 1: another path, still exact
+        for name in ("doubled", "shift"):  # alpha != 1, a difference: another path, still exact
+            assert cov[name] in ("module", "exact"), name
