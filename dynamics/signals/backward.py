@@ -22,9 +22,8 @@ from dynamics.signals.elementwise_uses import ElementwiseUse
 from dynamics.signals.example_axis import check_weights, rows_local
 from dynamics.signals.row_map import discover_row_map
 
-Call = (
-    ModuleCall | ElementwiseUse
-)  # what the passes read of either: edges, grad_idx, out_leaves, dys, row_map
+# What the passes read of either: edges, grad_idx, out_leaves, dys, row_map.
+Call = ModuleCall | ElementwiseUse
 
 
 def _edge_index(calls: list[Call]) -> tuple[dict[tuple[int, int], int], list[Any]]:

@@ -83,7 +83,7 @@ def _uses(
     cap: Capture, loss_sum: Tensor
 ) -> tuple[dict[int, int], set[int], dict[int, list[tuple[Any, int]]]]:
     """Graph edges into each chosen parameter from the loss (by param id), the reachable nodes, and
-    the ``(node, input index)`` of each edge into a parameter's own accumulator (by param id)."""
+    the ``(node, input index)`` of each edge into an accumulator of the parameter or an alias (by param id)."""
     if loss_sum.grad_fn is None:
         raise ValueError(NO_GRAD_MESSAGE)
     parents: dict[int, list[tuple[Any, int]]] = {}
@@ -94,7 +94,10 @@ def _uses(
     for tid, c in counts.items():
         pid = cap.canon.get(tid, tid)
         total[pid] = total.get(pid, 0) + c
-    return total, reachable, parents
+    by_param: dict[int, list[tuple[Any, int]]] = {}
+    for tid, edges in parents.items():  # FSDP2: edges into the unsharded alias count for the parameter
+        by_param.setdefault(cap.canon.get(tid, tid), []).extend(edges)
+    return total, reachable, by_param
 
 
 def _covers(cap: Capture, calls: list[ModuleCall], p: Tensor, need: int, n: int, rows: bool = False) -> bool:
@@ -140,7 +143,7 @@ def _elementwise_uses(
     FSDP1 hands modules views of a flat parameter, whose uses are not edges into an accumulator,
     so the count falls short and ``p`` takes another path.
     """
-    edges = [e for tid, es in parents.items() if cap.canon.get(tid, tid) == id(p) for e in es]
+    edges = parents.get(id(p), [])
     if len(edges) != need:
         return None
     return find_elementwise_uses(edges, cap.shape(p), n, first_key)
