@@ -36,14 +36,18 @@ class LayerScaled(nn.Module):
         return self.head(torch.cat([h.mean(1), maps.flatten(1)], 1))
 
 
-class Mixing(nn.Module):
-    """A scale whose product's rows reach every example's loss (a batch mean): no closed form."""
+class OneScale(nn.Module):
+    """A Linear layer, one scale vector, a head: subclasses use the scale in one awkward way."""
 
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(D, D)
         self.scale = nn.Parameter(torch.randn(D))
         self.head = nn.Linear(D, 3)
+
+
+class Mixing(OneScale):
+    """A scale whose product's rows reach every example's loss (a batch mean): no closed form."""
 
     def forward(self, x):
         z = self.scale * torch.tanh(self.inp(x))  # (n, D): rows look batch-first
@@ -126,13 +130,7 @@ def test_a_scale_whose_rows_mix_examples_fails_the_check_and_goes_to_exact_autog
 
 
 def test_an_in_place_product_is_covered_or_falls_back_but_is_never_wrong():
-    class InPlace(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(D, D)
-            self.scale = nn.Parameter(torch.randn(D))
-            self.head = nn.Linear(D, 3)
-
+    class InPlace(OneScale):
         def forward(self, x):
             h = torch.tanh(self.inp(x)).clone()
             h.mul_(self.scale)  # the node saves the factor before the in-place change, or cannot be read
