@@ -121,8 +121,12 @@ def compute_gram(
         exact_params += _add_factored(builder, capture, pl, params, nonlocal_calls, direction)
         exact_params += _add_elementwise(builder, capture, pl, params, nonlocal_calls, direction, paths)
         exact_params += _add_modules(builder, capture, pl, nonlocal_calls, direction, paths)
-        for c in [*(c for calls in capture.calls.values() for c in calls), *pl.calls_needed]:
-            c.dys = []  # free the output gradients early
+        for calls in capture.calls.values():
+            for c in calls:
+                c.dys = []  # free the output gradients early
+        for uses in pl.elementwise.values():
+            for u in uses:
+                u.dys = []
         freed = not keep_graph
     _add_exact(builder, losses, exact_params, capture, direction, paths, recompute if freed else None, freed)
     gram = builder.finish()
