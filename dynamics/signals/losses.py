@@ -44,6 +44,12 @@ Fused outputs: a model output with per-token log-probabilities and a label mask 
 ``FusedCausalLMOutput``: ``log_probs`` zero on ignored positions, ``label_mask``; shifted already)
 gives ``S_i = -sum_t log_probs_it``, ``N_i = sum_t label_mask_it`` for the token kinds.
 
+Training side, token kinds: when the model output's ``loss`` still holds its autograd graph (a
+training forward with ``labels``), :func:`per_example_loss` reads the per-token terms from the
+log-probabilities the model's own cross-entropy saved for its backward, after checking that the
+graph is exactly that loss and its targets are the definition's; otherwise it recomputes them
+from the logits. The values are the same; reading them costs a gather instead of a log-softmax.
+
 Auto-detection (:func:`resolve_loss_kind`) reads the model's class and config after unwrapping PEFT,
 DDP, FSDP, DeepSpeed, ``torch.compile`` and TRL value-head wrappers; tensor shapes only break ties
 for models without a recognised head. An explicit kind or callable always wins.
@@ -268,10 +274,86 @@ def _elementwise_terms(logits: Tensor, labels: Tensor, kind: str) -> tuple[Tenso
     return S, (items > 0).to(dtype)
 
 
+# Scalar rescalings between a model's ``loss`` and its cross-entropy node (the division by
+# ``num_items_in_batch``, a loss scale): they leave the per-token terms as they are.
+_SCALE_NODES = ("DivBackward0", "DivBackward1", "MulBackward0", "MulBackward1")
+
+
+def _model_loss_rows(output: Any) -> tuple[Tensor, Tensor] | None:
+    """``(log_probs (R, V), targets (R,))`` saved by the model's own token cross-entropy, or ``None``.
+
+    transformers computes its loss as ``nll_loss(log_softmax(logits.float()), targets)``; autograd
+    keeps the log-probabilities for the backward, so the per-token terms ``-log p[r, y_r]`` are one
+    gather away instead of a second log-softmax over tensors of size tokens x vocabulary (which was
+    almost all of the meter's cost). Only that exact graph is read: the loss node, at most a few
+    scalar rescalings, then ``NllLoss`` (no class weights, ignore index -100) over ``LogSoftmax``
+    in at least float32. Anything else (label smoothing, an added auxiliary loss, a compiled graph,
+    no ``loss`` in the output) gives ``None`` and the terms are recomputed from the logits.
+    """
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if not isinstance(loss, Tensor) or loss.dim() != 0 or loss.grad_fn is None:
+        return None
+    node: Any = loss.grad_fn
+    try:
+        for _ in range(len(_SCALE_NODES)):
+            if type(node).__name__ != "NllLossBackward0":
+                if type(node).__name__ not in _SCALE_NODES or not node.next_functions:
+                    return None
+                node = node.next_functions[0][0]
+        if type(node).__name__ != "NllLossBackward0" or node._saved_weight is not None:
+            return None
+        if int(node._saved_ignore_index) % 2**64 != IGNORE_INDEX % 2**64:  # autograd reports it unsigned
+            return None
+        if type(node.next_functions[0][0]).__name__ != "LogSoftmaxBackward0":
+            return None
+        log_probs, targets = node._saved_self, node._saved_target
+    except (AttributeError, IndexError, RuntimeError):  # another graph, or saved tensors already freed
+        return None
+    if log_probs.dim() != 2 or targets.shape != log_probs.shape[:1]:
+        return None
+    if log_probs.dtype != _upcast_dtype(log_probs.dtype):
+        # A loss in half precision: recompute in float32 as the definition says. (transformers casts
+        # float64 logits down to float32 for its loss; that is the precision of the meter's sums.)
+        return None
+    return log_probs, targets
+
+
+def _saved_token_terms(output: Any, targets: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(S, N)`` of the token kinds read from the model's own loss (see :func:`_model_loss_rows`).
+
+    Used only when the model's targets agree with ``targets`` (``(n, L)``, the definition's) at
+    every position the definition supervises, with rows in (example, position) order over ``L`` or
+    ``L - 1`` positions (transformers pads then shifts; older versions cut the last position).
+    Positions the model supervises and ``targets`` ignores (e.g. another task of a packed row) are
+    left out, as in the recomputation.
+    """
+    saved = _model_loss_rows(output)
+    if saved is None or targets.dim() != 2:
+        return None
+    log_probs, model_targets = saved
+    n, length = targets.shape
+    if log_probs.shape[0] == n * length:
+        ours = targets
+    elif log_probs.shape[0] == n * (length - 1) and length > 1:
+        ours = targets[:, :-1]
+        if bool((targets[:, -1] != IGNORE_INDEX).any()):
+            return None
+    else:
+        return None
+    ours = ours.reshape(-1).to(model_targets.device)
+    supervised = ours != IGNORE_INDEX
+    if not torch.equal(torch.where(supervised, model_targets, IGNORE_INDEX), ours):
+        return None
+    nll = -log_probs.gather(1, ours.clamp(min=0).unsqueeze(1)).squeeze(1)
+    per_token = torch.where(supervised, nll, torch.zeros_like(nll)).reshape(n, -1)
+    return per_token.sum(1), supervised.reshape(n, -1).sum(1).to(per_token.dtype)
+
+
 def _kind_terms(
-    logits: Tensor, labels: Tensor | None, kind: str, shift_labels: Tensor | None
+    logits: Tensor, labels: Tensor | None, kind: str, shift_labels: Tensor | None, output: Any = None
 ) -> tuple[Tensor, Tensor]:
-    """``(S, N)`` of a built-in kind, differentiable, in the upcast dtype of ``logits``."""
+    """``(S, N)`` of a built-in kind in the upcast dtype of ``logits``; differentiable unless
+    ``output`` (the model output, read for its own saved per-token terms) is given."""
     if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss kind {kind!r}; {_CHOICES}")
     if kind in _TOKEN_KINDS:
@@ -283,7 +365,8 @@ def _kind_terms(
             targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if kind == "causal_lm" else labels
         else:
             targets = shift_labels.to(logits.device)
-        return _token_terms(logits, targets)
+        saved = None if output is None else _saved_token_terms(output, targets)
+        return saved if saved is not None else _token_terms(logits, targets)
     if labels is None:
         raise ValueError(f"loss={kind!r} needs labels")
     labels = labels.to(logits.device)
@@ -356,7 +439,7 @@ def per_example_loss(
             losses, N = _user_losses(kind(logits, labels), logits.shape[0])
             S = torch.where(N > 0, losses * N, torch.zeros_like(losses))  # N_i = 0: nothing, even a 0/0
         else:
-            S, N = _kind_terms(logits, labels, kind, shift_labels)
+            S, N = _kind_terms(logits, labels, kind, shift_labels, output=output)
     return S.detach().float(), N.detach().float()
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from dynamics import probe
+from dynamics.signals import losses as losses_module
 from dynamics.signals.losses import LogitsLoss, per_example_loss, per_example_losses, resolve_loss_kind
 from tests import tiny_models as tm
 
@@ -208,6 +209,27 @@ def test_training_side_losses_equal_the_probes(case):
         assert float(S.sum() / N.sum()) == pytest.approx(float(out.loss), rel=1e-6)
     res = probe(model, batch, task_ids=task_ids, loss=loss)
     np.testing.assert_allclose((S / N.clamp(min=1)).numpy(), res.losses.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_training_side_reads_the_models_own_loss(case, monkeypatch):
+    """With the graph (the Trainer's forward), the token kinds read the model's own per-token terms.
+
+    The recomputation from the logits is made to fail, so these losses can only come from the
+    log-probabilities the model's cross-entropy saved; they must equal the reference.
+    """
+    name, model, batch, _, _, train_loss, (_, losses, weights) = case
+    out = model(**batch)
+    kind = resolve_loss_kind(model, logits=out.logits, labels=batch["labels"])
+    if train_loss is not None or kind not in ("causal_lm", "token"):
+        pytest.skip("a user loss or a kind without per-token terms is recomputed as before")
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("recomputed from the logits instead of reading the model's own loss")
+
+    monkeypatch.setattr(losses_module, "_token_terms", recompute)
+    S, N = per_example_loss(out, batch["labels"], kind)
+    np.testing.assert_array_equal(N.numpy(), weights)
+    np.testing.assert_allclose((S / N.clamp(min=1)).numpy(), losses, rtol=1e-6, atol=1e-7)
 
 
 def test_model_callable_equals_logits_loss():
