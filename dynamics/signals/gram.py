@@ -246,9 +246,12 @@ def _add_elementwise(
         if any(id(u) in nonlocal_calls for u in uses):
             failed.append(by_id[pid])
             continue
-        builder.add_dense(
-            elementwise_per_example_grads(uses, capture.shape(by_id[pid]), builder.n), direction.get(pid)
-        )
+        try:
+            grads = elementwise_per_example_grads(uses, capture.shape(by_id[pid]), builder.n)
+        except RuntimeError:  # a shared chain's backward node could not be called: exact autograd
+            failed.append(by_id[pid])
+            continue
+        builder.add_dense(grads, direction.get(pid))
         paths["rule"].append(pid)
     return failed
 

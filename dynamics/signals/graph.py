@@ -60,3 +60,23 @@ def graph_edge_counts(
             if limit is not None and len(seen) > limit:
                 return None
     return dict(counts), set(seen)
+
+
+def node_parents(root: Any, limit: int = GRAPH_LIMIT) -> dict[int, list[tuple[Any, int]]] | None:
+    """For every node reachable from ``root`` (by id), the ``(parent, input index)`` of each edge into
+    it; None past ``limit`` nodes. The lists hold the parent nodes, so the ids stay unique."""
+    parents: dict[int, list[tuple[Any, int]]] = defaultdict(list)
+    seen = {id(root): root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for k, (nxt, _) in enumerate(node.next_functions):
+            if nxt is None:
+                continue
+            parents[id(nxt)].append((node, k))
+            if id(nxt) not in seen and type(nxt).__name__ != "AccumulateGrad":
+                seen[id(nxt)] = nxt
+                stack.append(nxt)
+                if len(seen) > limit:
+                    return None
+    return dict(parents)

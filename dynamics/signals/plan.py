@@ -6,7 +6,8 @@
    products (see :mod:`.products`);
 2. ``elementwise``: every use of ``p`` is a product ``p * x``, a sum ``x + p`` or a copy
    ``expand(p)`` in the graph, broadcast into ``n`` rows (layer scales, gates, added position
-   embeddings, class tokens; :mod:`.elementwise_uses`), unless ``p`` belongs to a normalisation
+   embeddings, class tokens; also of a tensor computed from ``p`` alone, such as T5's relative
+   position bias: :mod:`.elementwise_uses`), unless ``p`` belongs to a normalisation
    layer with a closed-form rule (which stays on the module path);
 3. ``module``: otherwise, the innermost captured module (the owner itself for norms,
    ``class_embedding`` and the like, or an ancestor, e.g. for an embedding applied to broadcast
@@ -41,6 +42,7 @@ or when ``n > 32`` (the check weights repeat). ``Plan.rows`` lists these calls. 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +51,7 @@ from torch import Tensor, nn
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.capture import Capture
 from dynamics.signals.elementwise_uses import ElementwiseUse, find_elementwise_uses
-from dynamics.signals.graph import graph_edge_counts
+from dynamics.signals.graph import graph_edge_counts, node_parents
 from dynamics.signals.layer_kinds import FACTORED_KINDS, contains_unsupported
 from dynamics.signals.layer_rules import rule_kind
 from dynamics.signals.row_map import row_count
@@ -135,7 +137,13 @@ def _covering_module(cap: Capture, p: Tensor, need: int, n: int, kinds: set[str]
 
 
 def _elementwise_uses(
-    cap: Capture, p: Tensor, need: int, n: int, parents: dict[int, list[tuple[Any, int]]], first_key: int
+    cap: Capture,
+    p: Tensor,
+    need: int,
+    n: int,
+    parents: dict[int, list[tuple[Any, int]]],
+    first_key: int,
+    parents_of: Callable[[Any], list[tuple[Any, int]]],
 ) -> list[ElementwiseUse] | None:
     """``p``'s elementwise uses when they are all of its ``need`` uses.
 
@@ -146,7 +154,7 @@ def _elementwise_uses(
     edges = parents.get(id(p), [])
     if len(edges) != need:
         return None
-    return find_elementwise_uses(edges, cap.shape(p), n, first_key)
+    return find_elementwise_uses(edges, cap.shape(p), n, first_key, parents_of)
 
 
 def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Plan:
@@ -156,6 +164,13 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
         for c in calls:
             c.live = any(id(e.node) in reachable for e in c.edges)
     pl = Plan({}, {}, [], [], [], len(reachable), tuple(total.get(id(p), 0) for p in cap.params))
+    all_parents: list[dict[int, list[tuple[Any, int]]]] = []
+
+    def parents_of(node: Any) -> list[tuple[Any, int]]:  # a second walk, only for shared chains
+        if not all_parents:
+            all_parents.append(node_parents(loss_sum.grad_fn) or {})
+        return all_parents[0].get(id(node), [])
+
     for p in cap.params:
         need = total.get(id(p), 0)
         if need == 0:
@@ -171,7 +186,8 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
             continue
         m = _covering_module(cap, p, need, n, kinds)
         if m is None or not (rule_kind(m) and m in cap.owners.get(id(p), [])):
-            uses = _elementwise_uses(cap, p, need, n, parents, sum(len(u) for u in pl.elementwise.values()))
+            first = sum(len(u) for u in pl.elementwise.values())
+            uses = _elementwise_uses(cap, p, need, n, parents, first, parents_of)
             if uses is not None:
                 pl.elementwise[id(p)] = uses
                 continue

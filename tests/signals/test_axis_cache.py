@@ -157,8 +157,9 @@ class SharedTable(torch.nn.Module):
         self.head = torch.nn.Linear(d, 3)
 
     def forward(self, x, table):
-        # exp: not a plain product p * x, which the elementwise path covers (tests/signals/test_elementwise_uses.py)
-        return self.head(torch.tanh(x * self.scale.exp() + table.mean(0)))
+        # scale reaches the product by two paths: neither a plain product p * x nor one shared chain
+        # f(p), which the elementwise path covers (tests/signals/test_elementwise_uses.py)
+        return self.head(torch.tanh(x * (self.scale.exp() + self.scale) + table.mean(0)))
 
 
 def test_module_rerun_failing_after_the_graph_was_freed_recomputes_the_losses(weighted_passes, monkeypatch):

@@ -174,3 +174,51 @@ def test_added_and_expanded_parameters_match_brute_force_by_their_closed_form():
             assert cov[name] == "rule", name
         for name in ("doubled", "shift"):  # alpha != 1, a difference: another path, still exact
             assert cov[name] in ("module", "exact"), name
+
+
+class SharedBias(nn.Module):
+    """Attention-like scores with biases computed from parameters alone, the same for every example.
+
+    ``table``: T5's relative position bias (a lookup of constant buckets, permuted, unsqueezed, added
+    to two layers' scores, masked by a padding mask in a batched ``where``). ``grid``: a position
+    table interpolated to the input's size (LFM2-VL, SigLIP2), through a nonlinear gate. ``split``:
+    one parameter feeding two branches before its use (not a chain: another path).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.table = nn.Parameter(torch.randn(7, 2))  # 7 buckets x 2 heads
+        self.grid = nn.Parameter(torch.randn(1, D, 2))
+        self.split = nn.Parameter(torch.randn(D))
+        self.head = nn.Linear(2 * T * T + T * D, 3)
+        buckets = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).clamp(-3, 3) + 3
+        self.register_buffer("buckets", buckets)
+
+    def forward(self, x, keep):
+        h = self.inp(x)  # (n, T, D)
+        bias = nn.functional.embedding(self.buckets, self.table).permute(2, 0, 1).unsqueeze(0)  # (1, 2, T, T)
+        scores = torch.einsum("ntd,nsd->nts", h, h).unsqueeze(1).expand(-1, 2, -1, -1)
+        masked = torch.where(keep[:, None, None, :], bias, torch.full_like(bias, -3.0))  # (n, 2, T, T)
+        s1 = torch.softmax(scores + masked, -1)
+        s2 = torch.tanh(torch.sigmoid(s1) + bias)
+        positions = nn.functional.interpolate(self.grid, size=T, mode="linear", align_corners=False)
+        g = torch.tanh(h + torch.sigmoid(positions).transpose(1, 2)) * (self.split.exp() + self.split)
+        return self.head(torch.cat([s2.flatten(1), g.flatten(1)], 1))
+
+
+def test_tensors_computed_from_parameters_alone_match_brute_force_by_their_shared_chains():
+    torch.manual_seed(6)
+    model = SharedBias().double()
+    batch = _batch(seed=6)
+    batch["keep"] = torch.ones(N, T, dtype=torch.bool)
+    batch["keep"][1, 2:] = False  # a padded example: the mask differs between examples
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    start = sum(p.numel() for name, p in model.named_parameters() if name.startswith("inp."))
+    assert np.linalg.norm(G[:, start : start + 14], axis=1).min() > 1e-3  # the table's are not trivial
+    for _ in range(2):
+        res = probe(model, batch, task_ids=torch.arange(N) % 2)
+        assert_gram(res, G)
+        cov = _coverage(res)
+        assert cov["table"] == cov["grid"] == "rule", cov
+        assert cov["split"] in ("module", "exact"), cov

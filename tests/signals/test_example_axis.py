@@ -140,8 +140,9 @@ class SharedTable(nn.Module):
         self.head = nn.Linear(D, 3)
 
     def forward(self, x, table):
-        # exp: not a plain product p * x, which the elementwise path covers (tests/signals/test_elementwise_uses.py)
-        return self.head(torch.tanh(x * self.scale.exp() + table.mean(0)))
+        # scale reaches the product by two paths: neither a plain product p * x nor one shared chain
+        # f(p), which the elementwise path covers (tests/signals/test_elementwise_uses.py)
+        return self.head(torch.tanh(x * (self.scale.exp() + self.scale) + table.mean(0)))
 
 
 def test_shared_input_of_length_n_is_not_split_by_the_module_path():
