@@ -343,23 +343,18 @@ class _Observer:
 
     def _token_losses(self, output: Any, labels: Any, shift_labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token CE of a causal LM's logits: ``(B, L-1)`` (``(B, L)`` with ``shift_labels``)."""
-        from dynamics.signals.losses import extract_logits
+        from dynamics.signals.losses import IGNORE_INDEX, per_token_losses
 
-        logits = extract_logits(output)
-        if logits is None or labels is None and shift_labels is None:
+        if labels is None and shift_labels is None:
             raise ValueError("packed rows need labels and logits (or a fused output) to split losses by task")
-        if shift_labels is None:
-            logits, targets = logits[:, :-1], labels[:, 1:]
+        if shift_labels is None:  # the definition's causal targets (pad, shift), less the last position
+            targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            loss = per_token_losses(output, targets)[:, :-1]
+            targets = targets[:, :-1]
         else:
             targets = shift_labels
-        targets = targets.to(logits.device)
-        mask = targets != -100
-        loss = F.cross_entropy(
-            logits.detach().float().reshape(-1, logits.shape[-1]),
-            targets.clamp(min=0).reshape(-1),
-            reduction="none",
-        ).view(targets.shape)
-        return loss * mask, mask
+            loss = per_token_losses(output, targets)
+        return loss, targets.to(loss.device) != IGNORE_INDEX
 
 
 def _install_observer(recorder: Any) -> _Observer:

@@ -76,6 +76,7 @@ __all__ = [
     "model_inputs",
     "per_example_loss",
     "per_example_losses",
+    "per_token_losses",
     "resolve_loss_kind",
     "run_model",
     "split_batch",
@@ -318,35 +319,70 @@ def _model_loss_rows(output: Any) -> tuple[Tensor, Tensor] | None:
     return log_probs, targets
 
 
-def _saved_token_terms(output: Any, targets: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(S, N)`` of the token kinds read from the model's own loss (see :func:`_model_loss_rows`).
+def _saved_token_losses(output: Any, targets: Tensor) -> Tensor | None:
+    """Per-token losses ``(n, L)`` (0 where ``targets`` is -100) read from the model's own loss.
 
     Used only when the model's targets agree with ``targets`` (``(n, L)``, the definition's) at
     every position the definition supervises, with rows in (example, position) order over ``L`` or
     ``L - 1`` positions (transformers pads then shifts; older versions cut the last position).
     Positions the model supervises and ``targets`` ignores (e.g. another task of a packed row) are
-    left out, as in the recomputation.
+    left out, as in the recomputation. See :func:`_model_loss_rows`.
     """
     saved = _model_loss_rows(output)
     if saved is None or targets.dim() != 2:
         return None
     log_probs, model_targets = saved
     n, length = targets.shape
-    if log_probs.shape[0] == n * length:
-        ours = targets
-    elif log_probs.shape[0] == n * (length - 1) and length > 1:
-        ours = targets[:, :-1]
-        if bool((targets[:, -1] != IGNORE_INDEX).any()):
+    ours = targets.to(model_targets.device)
+    if log_probs.shape[0] == n * (length - 1) and length > 1:
+        if bool((ours[:, -1] != IGNORE_INDEX).any()):
             return None
-    else:
+        ours = ours[:, :-1]
+    elif log_probs.shape[0] != n * length:
         return None
-    ours = ours.reshape(-1).to(model_targets.device)
-    supervised = ours != IGNORE_INDEX
-    if not torch.equal(torch.where(supervised, model_targets, IGNORE_INDEX), ours):
+    flat = ours.reshape(-1)
+    supervised = flat != IGNORE_INDEX
+    if not torch.equal(model_targets, flat) and not torch.equal(
+        torch.where(supervised, model_targets, IGNORE_INDEX), flat
+    ):
         return None
-    nll = -log_probs.gather(1, ours.clamp(min=0).unsqueeze(1)).squeeze(1)
+    nll = -log_probs.gather(1, flat.clamp(min=0).unsqueeze(1)).squeeze(1)
     per_token = torch.where(supervised, nll, torch.zeros_like(nll)).reshape(n, -1)
-    return per_token.sum(1), supervised.reshape(n, -1).sum(1).to(per_token.dtype)
+    return per_token if per_token.shape[1] == length else F.pad(per_token, (0, 1))
+
+
+@torch.no_grad()
+def per_token_losses(output: Any, targets: Tensor) -> Tensor:
+    """Token cross-entropy ``(n, L)`` of a model output against aligned ``targets`` (0 where -100).
+
+    ``targets`` are the token kinds' targets, already aligned with the logits (for ``causal_lm``:
+    the labels padded with -100 and shifted by one). Read from the model's own loss when its graph
+    allows (see the module docstring), else computed at the supervised positions only. Float32 (or
+    float64 logits' dtype), detached.
+    """
+    saved = _saved_token_losses(output, targets)
+    if saved is not None:
+        return saved.float() if saved.dtype != torch.float64 else saved
+    logits = extract_logits(output)
+    if logits is None:
+        raise TypeError(
+            f"per-token losses need logits; the model returned {type(output).__name__} without them"
+        )
+    logits = logits.detach()
+    if logits.dim() < 3 or targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"per-token losses need one label per logit position: labels {tuple(targets.shape)} do not match "
+            f"logits {tuple(logits.shape)}"
+        )
+    flat_targets = targets.to(logits.device).reshape(-1)
+    flat_index = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)
+    table = logits.reshape(-1, logits.shape[-1])
+    out = torch.zeros(flat_targets.shape, dtype=_upcast_dtype(logits.dtype), device=logits.device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))  # bounds the upcast copy, as the sums do
+    for index in flat_index.split(step):
+        rows = table.index_select(0, index).to(out.dtype)
+        out[index] = F.cross_entropy(rows, flat_targets.index_select(0, index), reduction="none")
+    return out.view(targets.shape)
 
 
 def _kind_terms(
@@ -365,8 +401,10 @@ def _kind_terms(
             targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:] if kind == "causal_lm" else labels
         else:
             targets = shift_labels.to(logits.device)
-        saved = None if output is None else _saved_token_terms(output, targets)
-        return saved if saved is not None else _token_terms(logits, targets)
+        saved = None if output is None else _saved_token_losses(output, targets)
+        if saved is None:
+            return _token_terms(logits, targets)
+        return saved.sum(1), (targets != IGNORE_INDEX).reshape(targets.shape[0], -1).sum(1).to(saved.dtype)
     if labels is None:
         raise ValueError(f"loss={kind!r} needs labels")
     labels = labels.to(logits.device)

@@ -129,3 +129,24 @@ def test_packed_rows_take_each_task_from_the_one_loss(monkeypatch):
     got = sums(out)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert (want[1, :3] > 0).all()  # every task has supervised tokens
+
+
+def test_per_token_losses_against_the_position_by_position_formula(monkeypatch):
+    """``per_token_losses`` (TRL's packed rows) read from the loss and recomputed, against a loop."""
+    logits, labels = _logits_and_labels(n=4, length=8)
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    logp = torch.log_softmax(logits.detach().double(), -1)
+    want = torch.zeros(targets.shape, dtype=torch.float64)
+    for i in range(targets.shape[0]):
+        for t in range(targets.shape[1]):
+            if targets[i, t] != IGNORE_INDEX:
+                want[i, t] = -logp[i, t, targets[i, t]]
+    recomputed = L.per_token_losses(logits.detach(), targets)
+    out = CausalLMOutput(loss=_causal_ce(logits, labels), logits=logits)
+    _no_recompute(monkeypatch)
+    monkeypatch.setattr(L.F, "cross_entropy", lambda *a, **k: pytest.fail("recomputed"))
+    read = L.per_token_losses(out, targets)
+    for got in (recomputed, read):
+        assert got.dtype == torch.float32 and got.shape == targets.shape
+        np.testing.assert_allclose(got.double().numpy(), want.numpy(), rtol=1e-6, atol=1e-6)
+    assert (want[targets == IGNORE_INDEX] == 0).all() and (want[targets != IGNORE_INDEX] > 0).all()
