@@ -37,7 +37,9 @@ def forward_structure(cap: Capture, pl: Plan) -> tuple[Any, dict[int, nn.Module]
             for c in cap.calls.get(mid, [])
         )
         per_module.append((mid, type(m), calls))
-    uses = tuple((u.key, u.shape, u.dtype, u.x is None) for us in pl.elementwise.values() for u in us)
+    uses = tuple(
+        (u.key, u.shape, u.dtype, u.x is None, u.matmul) for us in pl.elementwise.values() for u in us
+    )
     return (tuple(per_module), pl.graph_size, pl.uses, uses), dict(cap.hooked)
 
 

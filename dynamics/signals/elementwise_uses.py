@@ -18,6 +18,13 @@ graph edge into its gradient accumulator comes from such a node (the edge count 
 The output shape of an ``Add`` or ``Expand`` node is read from the node's input metadata (a
 private attribute of PyTorch's autograd nodes: without it these uses are not recognised).
 
+Matrix products. A parameter ``W`` (in, out) used as the right factor of ``z = x @ W`` (a bare
+``torch.matmul``, ``mm`` or ``addmm(b, x, W)``, e.g. Gemma 3's projector matrix) has
+``g_i(W) = sum over example i's rows r of x_r^T dz_r``: a factored term like a Linear layer's,
+handed to the same products (:mod:`.products`). The product's rows (``x`` flattened to ``R`` rows,
+the node's saved input) are mapped to examples by the weighted backward pass like any row-mapped
+call (:mod:`.row_map`, which needs ``n <= 32`` unless ``R = n``).
+
 Shared chains. The broadcast operand may also be a tensor computed from ``p`` alone, the same for
 every example: T5's relative position bias ``s = unsqueeze(permute(embedding(buckets, p)))`` added
 to every layer's attention scores, a position table interpolated to the image size, GPT-2's
@@ -40,11 +47,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dynamics.signals.example_axis import WEIGHT_PERIOD
+from dynamics.signals.products import Factored, factor_by_example
+
 _KINDS = {
     "MulBackward0": "mul",
     "AddBackward0": "add",
     "ExpandBackward0": "expand",
     "WhereBackward0": "where",
+}
+
+
+# Matrix products z = x @ W: node -> (input index of W, name of the saved x, names of scalars that must be 1).
+_MATMULS = {
+    "MmBackward0": (1, "_saved_self", ()),
+    "AddmmBackward0": (2, "_saved_mat1", ("_saved_alpha", "_saved_beta")),
 }
 
 
@@ -63,6 +80,7 @@ class ElementwiseUse:
     # down by, from s to p (empty when the operand is p itself).
     operand_shape: tuple[int, ...] = ()
     chain: tuple[tuple[Any, int], ...] = ()
+    matmul: bool = False  # z = x @ p: rows (R, in) and (R, out), a factored term (module docstring)
     grad_idx: list[int] = field(default_factory=lambda: [0])
     dys: list[Tensor] = field(default_factory=list)
     row_map: Tensor | None = None
@@ -101,7 +119,36 @@ def _broadcasts_into(p_shape: tuple[int, ...], z_shape: tuple[int, ...], n: int)
         return False
 
 
+def _matmul_use(node: Any, k: int, p_shape: tuple[int, ...], n: int, key: int) -> ElementwiseUse | None:
+    """``z = x @ p`` (``p`` the right factor of ``mm`` / ``addmm`` with unit scalars), or None."""
+    spec = _MATMULS.get(type(node).__name__)
+    if spec is None or k != spec[0] or len(p_shape) != 2:
+        return None
+    try:
+        x = getattr(node, spec[1])
+        scalars = [getattr(node, name) for name in spec[2]]
+    except (AttributeError, RuntimeError):
+        return None
+    meta = _output_meta(node)
+    if not isinstance(x, Tensor) or meta is None or any(v != 1 for v in scalars):
+        return None
+    rows = x.shape[0]
+    if x.dim() != 2 or meta[0] != (rows, p_shape[1]) or (rows != n and n > WEIGHT_PERIOD):
+        return None
+    return ElementwiseUse(key, *meta, [torch.autograd.graph.GradientEdge(node, 0)], x, p_shape, matmul=True)
+
+
+def matmul_factor(u: ElementwiseUse, n: int) -> Factored:
+    """``g_i = sum_r x_r^T dz_r`` over example ``i``'s rows of a matrix-product use, as factors."""
+    assert u.x is not None
+    x, dz = u.x.detach(), u.dys[0]
+    f = Factored(x.reshape(x.shape[0], 1, -1), dz.reshape(dz.shape[0], 1, -1), False, x.shape[-1])
+    return f if u.row_map is None else factor_by_example(f, u.row_map, n)
+
+
 def _use(node: Any, k: int, p_shape: tuple[int, ...], n: int, key: int) -> ElementwiseUse | None:
+    if type(node).__name__ in _MATMULS:
+        return _matmul_use(node, k, p_shape, n, key)
     kind = _KINDS.get(type(node).__name__)
     edge = [torch.autograd.graph.GradientEdge(node, 0)]
     if kind == "mul" and k in (0, 1):
@@ -150,7 +197,7 @@ def _chain_uses(
         chain.insert(0, (node, k))
         ups = parents_of(node)
         uses = [_use(up, j, meta[0], n, key + i) for i, (up, j) in enumerate(ups)]
-        if ups and all(u is not None for u in uses):
+        if ups and all(u is not None and not u.matmul for u in uses):
             for u in uses:
                 assert u is not None
                 u.chain = tuple(chain)
@@ -181,6 +228,8 @@ def find_elementwise_uses(
         if chained is None:
             return None
         found += chained
+    if len({u.matmul for u in found}) > 1:
+        return None  # factored and dense terms of one parameter: not combined here
     return found or None
 
 

@@ -33,7 +33,7 @@ from dynamics.signals.backward import backward_to_outputs
 from dynamics.signals.cache_key import call_key, forward_structure
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.capture import Capture
-from dynamics.signals.elementwise_uses import elementwise_per_example_grads
+from dynamics.signals.elementwise_uses import elementwise_per_example_grads, matmul_factor
 from dynamics.signals.gram_exact import per_example_grads
 from dynamics.signals.layer_kinds import module_kind
 from dynamics.signals.layer_rules import rule_kind, rule_per_example_grads
@@ -245,6 +245,10 @@ def _add_elementwise(
     for pid, uses in pl.elementwise.items():
         if any(id(u) in nonlocal_calls for u in uses):
             failed.append(by_id[pid])
+            continue
+        if uses[0].matmul:  # factored like a Linear layer's weight: ghost or materialised products
+            factors = [matmul_factor(u, builder.n) for u in uses]
+            builder.add_factored(pid, capture.shape(by_id[pid]), factors, [], direction.get(pid))
             continue
         try:
             grads = elementwise_per_example_grads(uses, capture.shape(by_id[pid]), builder.n)

@@ -202,5 +202,8 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
     for m, _ in pl.module.values():
         needed.update((id(c), c) for c in pl.live_calls(cap, m))
     pl.rows = {id(c): r for c in needed.values() if not c.batch_first(n) and (r := row_count(c)) is not None}
+    pl.rows.update(
+        (id(u), u.shape[0]) for uses in pl.elementwise.values() for u in uses if u.matmul and u.shape[0] != n
+    )
     pl.calls_needed = [*needed.values(), *(u for uses in pl.elementwise.values() for u in uses)]
     return pl

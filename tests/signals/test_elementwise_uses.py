@@ -101,9 +101,10 @@ def test_layer_scales_match_brute_force_by_their_closed_form(method):
         assert res.coverage["module"] == [] and res.coverage["exact"] == []
 
 
-def test_layer_scale_direction_dots_match_explicit_vectors():
+@pytest.mark.parametrize("build", ["LayerScaled", "BareMatmuls"])  # the matrices' layout matters here
+def test_direction_dots_match_explicit_vectors(build):
     torch.manual_seed(1)
-    model = LayerScaled().double()
+    model = globals()[build]().double()
     batch = _batch(seed=1)
     params = list(model.parameters())
     G, _, weights = ref_grads(model, batch, params, "classification")
@@ -222,3 +223,42 @@ def test_tensors_computed_from_parameters_alone_match_brute_force_by_their_share
         cov = _coverage(res)
         assert cov["table"] == cov["grid"] == "rule", cov
         assert cov["split"] in ("module", "exact"), cov
+
+
+class BareMatmuls(nn.Module):
+    """Matrices used by hand-written products: ``x @ W`` on (n, T, d) and (n, d) inputs (rows mapped to
+    examples by the weighted pass, or one row per example), ``addmm(b, x, V)``, one matrix used twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.proj = nn.Parameter(torch.randn(D, 4))  # as Gemma 3's mm_input_projection_weight
+        self.pooled = nn.Parameter(torch.randn(D, 3))
+        self.bias = nn.Parameter(torch.randn(3))
+        self.twice = nn.Parameter(torch.randn(4, 4))
+        self.scaled = nn.Parameter(torch.randn(4, 3))  # addmm with beta != 1: another path
+        self.head = nn.Linear(4 + 3 + 3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))  # (n, T, D)
+        z = torch.tanh(torch.matmul(h, self.proj))  # folded to (n T, D) @ (D, 4)
+        z = torch.matmul(torch.sin(z), self.twice) + torch.matmul(z, self.twice)
+        pooled = torch.addmm(self.bias, h.mean(1), self.pooled)  # (n, D) @ (D, 3) + b
+        other = torch.addmm(self.bias, z.mean(1), self.scaled, beta=0.5)
+        return self.head(torch.cat([z.mean(1), torch.tanh(pooled), other], 1))
+
+
+def test_matrices_of_bare_products_match_brute_force_as_factored_terms():
+    torch.manual_seed(7)
+    model = BareMatmuls().double()
+    batch = _batch(seed=7)
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    for _ in range(2):  # the second probe reuses the discovered row maps
+        res = probe(model, batch, task_ids=torch.arange(N) % 2)
+        assert_gram(res, G)
+        cov = _coverage(res)
+        for name in ("proj", "pooled", "twice"):
+            assert cov[name] in ("ghost", "materialized"), (name, cov)
+        assert cov["scaled"] in ("module", "exact"), cov
+    for method in ("ghost", "materialize"):
+        assert_gram(probe(model, batch, task_ids=torch.arange(N) % 2, method=method), G)
