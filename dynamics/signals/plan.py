@@ -7,8 +7,9 @@
 2. ``elementwise``: every use of ``p`` is a product ``p * x``, a sum ``x + p`` or a copy
    ``expand(p)`` in the graph, broadcast into ``n`` rows (layer scales, gates, added position
    embeddings, class tokens; also of a tensor computed from ``p`` alone, such as T5's relative
-   position bias: :mod:`.elementwise_uses`), unless ``p`` belongs to a normalisation
-   layer with a closed-form rule (which stays on the module path);
+   position bias), or every use is the right factor of a bare matrix product ``x @ p`` (factored
+   like a Linear weight, its rows possibly row-mapped; :mod:`.elementwise_uses`), unless ``p``
+   belongs to a normalisation layer with a closed-form rule (which stays on the module path);
 3. ``module``: otherwise, the innermost captured module (the owner itself for norms,
    ``class_embedding`` and the like, or an ancestor, e.g. for an embedding applied to broadcast
    position ids) whose calls are batch-first and contain every use of ``p``; per-example gradients
