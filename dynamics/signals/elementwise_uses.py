@@ -27,8 +27,8 @@ call (:mod:`.row_map`, which needs ``n <= 32`` unless ``R = n``).
 
 Shared chains. The broadcast operand may also be a tensor computed from ``p`` alone, the same for
 every example: T5's relative position bias ``s = unsqueeze(permute(embedding(buckets, p)))`` added
-to every layer's attention scores, a position table interpolated to the image size, GPT-2's
-position embeddings of broadcast position ids. Then ``s = f(p)`` with every node of the chain
+to every layer's attention scores, a position table interpolated to the input's size or passed
+through a gate. Then ``s = f(p)`` with every node of the chain
 ``f`` taking one differentiable input, the closed form above gives ``c_i = d l_i / d s``, and
 
     g_i(p) = J_f(p)^T c_i ,
