@@ -278,6 +278,7 @@ def _elementwise_terms(logits: Tensor, labels: Tensor, kind: str) -> tuple[Tenso
 # Scalar rescalings between a model's ``loss`` and its cross-entropy node (the division by
 # ``num_items_in_batch``, a loss scale): they leave the per-token terms as they are.
 _SCALE_NODES = ("DivBackward0", "DivBackward1", "MulBackward0", "MulBackward1")
+_MAX_SCALINGS = 4  # rescalings followed above the cross-entropy; more: another graph
 
 
 def _model_loss_rows(output: Any) -> tuple[Tensor, Tensor] | None:
@@ -296,11 +297,10 @@ def _model_loss_rows(output: Any) -> tuple[Tensor, Tensor] | None:
         return None
     node: Any = loss.grad_fn
     try:
-        for _ in range(len(_SCALE_NODES)):
-            if type(node).__name__ != "NllLossBackward0":
-                if type(node).__name__ not in _SCALE_NODES or not node.next_functions:
-                    return None
-                node = node.next_functions[0][0]
+        for _ in range(_MAX_SCALINGS):
+            if type(node).__name__ not in _SCALE_NODES:
+                break
+            node = node.next_functions[0][0]
         if type(node).__name__ != "NllLossBackward0" or node._saved_weight is not None:
             return None
         if int(node._saved_ignore_index) % 2**64 != IGNORE_INDEX % 2**64:  # autograd reports it unsigned
@@ -360,9 +360,9 @@ def per_token_losses(output: Any, targets: Tensor) -> Tensor:
     allows (see the module docstring), else computed at the supervised positions only. Float32 (or
     float64 logits' dtype), detached.
     """
-    saved = _saved_token_losses(output, targets)
+    saved = _saved_token_losses(output, targets)  # float32 or float64 (half precision is recomputed)
     if saved is not None:
-        return saved.float() if saved.dtype != torch.float64 else saved
+        return saved
     logits = extract_logits(output)
     if logits is None:
         raise TypeError(

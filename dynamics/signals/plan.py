@@ -165,12 +165,13 @@ def plan(cap: Capture, loss_sum: Tensor, n: int, allow_fast: bool = True) -> Pla
         for c in calls:
             c.live = any(id(e.node) in reachable for e in c.edges)
     pl = Plan({}, {}, [], [], [], len(reachable), tuple(total.get(id(p), 0) for p in cap.params))
-    all_parents: list[dict[int, list[tuple[Any, int]]]] = []
+    all_parents: dict[int, list[tuple[Any, int]]] | None = None
 
     def parents_of(node: Any) -> list[tuple[Any, int]]:  # a second walk, only for shared chains
-        if not all_parents:
-            all_parents.append(node_parents(loss_sum.grad_fn) or {})
-        return all_parents[0].get(id(node), [])
+        nonlocal all_parents
+        if all_parents is None:
+            all_parents = node_parents(loss_sum.grad_fn) or {}
+        return all_parents.get(id(node), [])
 
     for p in cap.params:
         need = total.get(id(p), 0)

@@ -78,7 +78,15 @@ def test_rescaled_loss_and_the_older_shift_are_read(monkeypatch):
 
 @pytest.mark.parametrize(
     "why",
-    ["label_smoothing", "auxiliary_loss", "class_weights", "half_precision", "other_labels", "no_loss"],
+    [
+        "label_smoothing",
+        "auxiliary_loss",
+        "class_weights",
+        "half_precision",
+        "other_labels",
+        "no_loss",
+        "compiled",
+    ],
 )
 def test_other_losses_are_recomputed(why, monkeypatch):
     dtype = torch.bfloat16 if why == "half_precision" else torch.float32
@@ -96,6 +104,9 @@ def test_other_losses_are_recomputed(why, monkeypatch):
         loss = _causal_ce(logits, labels, weight=torch.rand(logits.shape[-1]))
     elif why == "auxiliary_loss":
         loss = _causal_ce(logits, labels) + 0.01 * logits.float().pow(2).mean()
+    elif why == "compiled":  # one opaque node for the whole loss
+        loss = torch.compile(_causal_ce, backend="aot_eager")(logits, labels)
+        assert type(loss.grad_fn).__name__ == "CompiledFunctionBackward"
     else:
         loss = _causal_ce(logits, model_labels)
     output = CausalLMOutput(loss=None if why == "no_loss" else loss, logits=logits)
