@@ -76,8 +76,8 @@ class RecorderConfig:
             the HF adapter uses the Trainer's collator.
         probe_kwargs: passed to :func:`dynamics.probe` (``params``, ``method``, ``hessian``, ...).
         update_direction: log ``update_cosine`` (copies the probed parameters on probe steps).
-        flush_seconds: per-step rows reach the store at least this often (and at every logging
-            step); a SIGKILL loses at most about this much.
+        flush_seconds: each step's rows, handed to the store at the step's end, reach the disk
+            within this long (or at the next logging step); a SIGKILL loses at most about this much.
         sync_every: at most this many closed steps wait for their host copy (memory bound).
         overwrite: replace a run already in ``out_dir`` instead of refusing (a real resume from a
             checkpoint appends without it).

@@ -17,9 +17,9 @@ Life of optimizer step ``s`` (1-based, the Trainer's ``global_step`` after the u
    :meth:`Recorder.after_update` (after ``optimizer.step()``) bracket the update; on probe steps
    the probe runs at ``theta_{s-1}`` with the update as direction (see :mod:`.probe_scheduler`);
 3. :meth:`Recorder.end_step` closes the step: one ``index_add`` and an asynchronous all-reduce
-   of its ``(3, T + 1)`` sums. Closed steps reach the store at least every ``flush_seconds`` and
-   at every :meth:`Recorder.logs` call (the Trainer's logging steps), whichever comes first; the
-   store writes them in the background. Nothing here waits on disk; only :meth:`logs` and
+   of its ``(3, T + 1)`` sums. Closed steps whose sums are on the host go to the store at every
+   step's end; it writes them in the background within ``flush_seconds``, or at once at a
+   :meth:`Recorder.logs` call (the Trainer's logging steps). Nothing here waits on disk; only :meth:`logs` and
    :meth:`close` wait for the (already running) reduction of the last steps.
 
 Everything the user's data can get wrong (no task ids, ids out of range, no labels, a probe that
@@ -29,7 +29,6 @@ because of the recorder. ``benchmarks/bench_overhead.py`` measures the cost.
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -111,7 +110,6 @@ class Recorder:
         self._device: torch.device | None = None
         self._window = np.zeros((3, self.n_tasks))
         self._probe_logs: list[tuple[int, dict[str, float]]] = []
-        self._last_handoff = time.monotonic()
         # Over the run: examples seen, examples whose task id was out of range (cumulative counts).
         self._seen = 0.0
         self._dropped = 0.0
@@ -252,7 +250,6 @@ class Recorder:
             )
         self._window[:] = 0
         self._probe_logs.clear()
-        self._last_handoff = time.monotonic()
         self.sink.open()
 
     @property
@@ -318,9 +315,11 @@ class Recorder:
     def end_step(self, step: int, lr: float | None = None) -> None:
         """Close optimizer step ``step`` (a collective: every rank calls it once per step, in order)."""
         self.meter.close_step(step, lr, device=self._device_guess())
-        full = self.meter.n_waiting >= self.cfg.sync_every
-        if full or time.monotonic() - self._last_handoff >= self.cfg.flush_seconds:
-            self._handoff(block=full)
+        # Every step whose sums are on the host goes to the writer now, whose own background clock
+        # puts rows on disk within ``flush_seconds`` of being handed over. Handing over only every
+        # ``flush_seconds`` let a long next step (a probe, a hung collective) hold rows past that
+        # bound, and a kill then lost them (tests/faults/test_sigkill.py, the stalled step).
+        self._handoff(block=self.meter.n_waiting >= self.cfg.sync_every, flush=False)
 
     def _device_guess(self) -> torch.device | None:
         if self._device is None and self.model is not None:
@@ -330,15 +329,16 @@ class Recorder:
                 pass
         return self._device
 
-    def _handoff(self, block: bool) -> None:
-        """Closed steps whose sums are on the host -> window, counts, store rows; ask for a flush."""
+    def _handoff(self, block: bool, *, flush: bool = True) -> None:
+        """Closed steps whose sums are on the host -> window, counts, store rows; with ``flush``, ask
+        the writer to write now (a logging step) instead of on its own clock."""
         ready = self.meter.ready(block=block)
-        self._last_handoff = time.monotonic()
         if ready:
             self._account(ready)
             if self.sink.main_process:
                 self.sink.write_rows(step_rows(ready, self.tasks))
-        self.sink.request_flush()
+        if flush:
+            self.sink.request_flush()
 
     def _account(self, ready: Sequence[StepSums]) -> None:
         for s in ready:

@@ -3,9 +3,9 @@
 Opens the :class:`~dynamics.store.writer.RunWriter` lazily (rank 0 only), as a new run, a real
 resume (``resume_step`` = the checkpoint's step, > 0) or an overwrite; a new training into a
 directory that already holds a run is refused by the writer (``RunExistsError``) before the first
-step. Rows are handed to the writer as they become known; :meth:`StoreSink.request_flush` asks the
-writer to put them on disk in the background (the recorder calls it at least every
-``flush_seconds`` and at every logging step).
+step. Rows are handed to the writer as they become known (the recorder: at every step's end), and
+the writer puts them on disk within ``flush_seconds`` on its own clock; :meth:`StoreSink.request_flush`
+asks it to do so now, in the background (the recorder calls it at every logging step).
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def loop_job(args: argparse.Namespace) -> None:
         optimizer.zero_grad()
         side.done(step)
         print(f"step {step}", flush=True)
-        time.sleep(args.step_seconds)
+        time.sleep(args.stall_seconds if step == args.stall_after else args.step_seconds)
     rec.record_scores({t: {"accuracy": 0.5} for t in TASKS})
     rec.close()
     print("finished", flush=True)
@@ -151,7 +151,8 @@ def hf_job(args: argparse.Namespace) -> None:
 
     class Slow(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):  # type: ignore[no-untyped-def]
-            time.sleep(args.step_seconds)  # a bigger model's step time
+            stalled = state.global_step == args.stall_after  # a hung collective, a long save
+            time.sleep(args.stall_seconds if stalled else args.step_seconds)  # a bigger model's step time
 
         def on_step_end(self, a, state, control, **kw):  # type: ignore[no-untyped-def]
             side.done(state.global_step)  # added after dynamics' callback: runs after its end_step
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume-step", type=int, default=None)
     parser.add_argument("--flush-seconds", type=float, default=None)
     parser.add_argument("--step-seconds", type=float, default=0.0)
+    parser.add_argument("--stall-after", type=int, default=-1, help="the step after this one stalls")
+    parser.add_argument("--stall-seconds", type=float, default=600.0)
     parser.add_argument("--sync-every", type=int, default=None)
     parser.add_argument("--probe-every", type=int, default=None)
     parser.add_argument("--overwrite", action="store_true")

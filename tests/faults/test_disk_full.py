@@ -14,14 +14,15 @@ FULL_FOR = 6.5  # seconds without disk space: longer than any default flush inte
 
 def test_training_goes_on_through_a_full_disk_and_every_row_lands_once_there_is_room(tmp_path):
     out = tmp_path / "run"
-    # 0.1 s steps: the disk fills at step 45 (the first rows are on disk by then) for FULL_FOR seconds.
+    # 0.1 s steps: the disk fills at step 80, for FULL_FOR seconds; the first rows are on disk by
+    # then (the store writes within the recorder's 5 s flush interval).
     args = [
         "--steps",
         "1000000",
         "--step-seconds",
         "0.1",
         "--disk-full-at",
-        "45",
+        "80",
         "--disk-full-for",
         str(FULL_FOR),
     ]

@@ -3,6 +3,10 @@ flush interval, loading it never fails, and nothing is kept that the job did not
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import pytest
 
 from dynamics.store.writer import DEFAULT_FLUSH_SECONDS
@@ -58,3 +62,25 @@ def test_hf_trainer_killed_keeps_every_step_older_than_one_flush_interval(tmp_pa
     finally:
         fh.stop(proc)
     fh.assert_kept_all_but_the_last_interval(out / "dynamics", side, t_kill, interval, name="train_loss")
+
+
+@pytest.mark.parametrize("kind", ["loop", "hf"])
+def test_killed_in_a_stalled_step_keeps_every_step_before_it(tmp_path, kind):
+    # A step that never ends (a hung collective, a long checkpoint save) after fast ones: the steps
+    # before it must reach the disk on the store's clock, not wait for the next step to end.
+    out, side = tmp_path / "out", tmp_path / "done.txt"
+    proc = fh.start_job(kind, out, side, "--step-seconds", "0.1", "--stall-after", "10")
+    run_dir = out / "dynamics" if kind == "hf" else out
+    try:
+        fh.wait_for_steps(proc, side, 10, out)
+        interval = fh.flush_interval(run_dir)
+        t_last = fh.done_steps(side)[-1][1]
+        time.sleep(max(0.0, t_last + interval + fh.WRITE_SLACK + 1.0 - time.time()))
+        assert len(fh.done_steps(side)) == 10, "the stalled step ended"
+        t_kill = time.time()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        fh.stop(proc)
+    kept, due = fh.assert_kept_all_but_the_last_interval(run_dir, side, t_kill, interval, name="train_loss")
+    assert due == set(range(1, 11))

@@ -1,4 +1,4 @@
-"""The recorder's parts: one configuration, per-token task ids, time-based hand-off to the store,
+"""The recorder's parts: one configuration, per-token task ids, hand-off to the store at each step,
 reruns vs resumes, probe rows in the Trainer's logs at their own steps, cumulative warning counts."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_per_token_ids_with_shift_labels_follow_the_target_token():
     assert a.logs() == pytest.approx(b.logs())
 
 
-# ---------------------------------------------------------------------- hand-off by time
+# ---------------------------------------------------------------------- hand-off to the store
 def _loop_steps(rec, model, steps, pause=0.0):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for k in range(steps):
@@ -125,16 +125,16 @@ def test_rows_reach_disk_within_flush_seconds_without_a_logging_step(tmp_path):
     rec.close()
 
 
-def test_default_interval_holds_rows_until_the_logging_step(tmp_path, monkeypatch):
+def test_each_step_is_handed_to_the_store_at_its_end(tmp_path, monkeypatch):
+    # Its durability clock starts there: a long next step cannot hold it back (tests/faults).
     handed: list[int] = []
     monkeypatch.setattr(writer_module, "RunWriter", _SpyWriter)
     monkeypatch.setattr(_SpyWriter, "log_many", lambda self, steps, *a: handed.extend(int(s) for s in steps))
     model = mlp()
     rec = LoopRecorder(model, tasks=TASKS, out_dir=tmp_path / "run", probe_every=0)
-    _loop_steps(rec, model, 3)
-    assert handed == []  # 5 s have not passed: the sums wait (on the host side of the meter)
-    rec.logs()  # a logging step: every closed step is handed to the store
-    assert sorted(set(handed)) == [1, 2, 3]
+    for k in range(1, 4):
+        _loop_steps(rec, model, 1)
+        assert sorted(set(handed)) == list(range(1, k + 1))
     rec.close()
 
 
