@@ -18,8 +18,8 @@ Life of optimizer step ``s`` (1-based, the Trainer's ``global_step`` after the u
    the probe runs at ``theta_{s-1}`` with the update as direction (see :mod:`.probe_scheduler`);
 3. :meth:`Recorder.end_step` closes the step: one ``index_add`` and an asynchronous all-reduce
    of its ``(3, T + 1)`` sums. Closed steps whose sums are on the host go to the store at every
-   step's end; it writes them in the background within ``flush_seconds``, or at once at a
-   :meth:`Recorder.logs` call (the Trainer's logging steps). Nothing here waits on disk; only :meth:`logs` and
+   step's end; it writes them in the background within ``flush_seconds`` (probe and evaluation
+   rows at once). Nothing here waits on disk; only :meth:`logs` and
    :meth:`close` wait for the (already running) reduction of the last steps.
 
 Everything the user's data can get wrong (no task ids, ids out of range, no labels, a probe that
@@ -373,13 +373,15 @@ class Recorder:
         self._handoff(block=True)
 
     def logs(self) -> dict[str, float]:
-        """Scalars since the last call, keyed ``dynamics/<name>/<task>``; asks the store to flush.
+        """Scalars since the last call, keyed ``dynamics/<name>/<task>``.
 
         Per-task losses are token-weighted over the window's steps; counts are summed; probe
         metrics are the latest probe's values if a probe ran in the window and no adapter took
         them (see :meth:`pop_probe_logs`).
         """
-        self._handoff(block=True)
+        # No flush request: the store's clock writes within flush_seconds, and a request at every
+        # logging step would write one Parquet part per step at logging_steps=1.
+        self._handoff(block=True, flush=False)
         out: dict[str, float] = {}
         window = self._window
         for a, task in enumerate(self.tasks):

@@ -138,17 +138,29 @@ def test_each_step_is_handed_to_the_store_at_its_end(tmp_path, monkeypatch):
     rec.close()
 
 
-def test_the_store_is_asked_to_flush_in_the_background_when_it_can(tmp_path, monkeypatch):
+def test_logging_steps_write_no_part_of_their_own(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(writer_module.RunWriter, "request_flush", lambda self: calls.append(1), raising=False)
     model = mlp()
     rec = LoopRecorder(model, tasks=TASKS, out_dir=tmp_path / "run", probe_every=0, flush_seconds=60)
-    _loop_steps(rec, model, 2)
+    for _ in range(3):
+        _loop_steps(rec, model, 1)
+        rec.logs()  # logging every step: the store's clock, not the logging step, decides the writes
     assert calls == []
-    rec.logs()
-    assert len(calls) == 1  # at the logging step, and nothing synchronous
     assert not list((tmp_path / "run" / "metrics").glob("*.parquet"))
     rec.close()
+    assert len(list((tmp_path / "run" / "metrics").glob("*.parquet"))) == 1
+    assert sorted(set(store_table(tmp_path / "run", "train_loss").index)) == [1, 2, 3]
+
+
+def test_a_trainer_logging_every_step_writes_one_part_per_flush_interval(tmp_path):
+    pytest.importorskip("transformers")
+    batch, ids = llama_batch(n=48, seed=1)
+    trainer = trainer_for(tiny_llama(), ItemDataset(batch, ids), tmp_path, max_steps=12, logging_steps=1)
+    dynamics.attach(trainer, tasks=TASKS, probe_every=0, flush_seconds=120)
+    trainer.train()  # seconds, well inside one flush interval
+    assert len(list((tmp_path / "dynamics" / "metrics").glob("*.parquet"))) == 1  # at the end, not 12
+    assert sorted(set(store_table(tmp_path / "dynamics", "train_loss").index)) == list(range(1, 13))
 
 
 # ---------------------------------------------------------------------- reruns and resumes
