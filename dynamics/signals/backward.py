@@ -11,15 +11,19 @@ known (:mod:`.axis_cache`). Neither pass computes weight gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from dynamics.signals.axis_cache import Verdict
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.elementwise_uses import ElementwiseUse
 from dynamics.signals.example_axis import check_weights, rows_local
+from dynamics.signals.graph import GRAPH_LIMIT
 from dynamics.signals.row_map import discover_row_map
 
 # What the passes read of either: edges, grad_idx, out_leaves, dys, row_map.
@@ -73,7 +77,21 @@ def backward_to_outputs(
             c.row_map = v if isinstance(v, Tensor) else None
         return {id(c) for c in calls if known[id(c)] is False}, None
     weights = check_weights(losses.shape[0], losses.detach())
-    weighted: list[Tensor | None]
+    users: dict[int, list[Call]] = {}
+    for c in calls:
+        for e in c.edges:
+            users.setdefault(index[(id(e.node), e.output_nr)], []).append(c)
+    local: dict[int, bool] = {}
+    verdicts: dict[int, Verdict] = {}
+
+    def judge(j: int, weighted: Tensor | None) -> None:
+        for c in users[j]:
+            if id(c) in rows:  # one gradient edge: the row-shaped kinds have a single output
+                found = discover_row_map(weighted, grads[j], weights, rows[id(c)])
+                verdicts[id(c)] = False if found is None else found
+        if any(id(c) not in rows for c in users[j]):
+            local[j] = rows_local(weighted, grads[j], weights)
+
     if one_pass:
         # FSDP1 frees the unsharded parameters after the first backward and re-gathers them only
         # once per forward, so both weightings run in one (batched) backward pass.
@@ -85,29 +103,12 @@ def backward_to_outputs(
             allow_unused=True,
             is_grads_batched=True,
         )
-        weighted = [None if g is None else g[0] for g in both]
         grads = tuple(None if g is None else g[1] for g in both)
+        for j, g in enumerate(both):
+            judge(j, None if g is None else g[0])
     else:
-        weighted = list(
-            torch.autograd.grad(losses, edges, grad_outputs=weights, retain_graph=True, allow_unused=True)
-        )
-        grads = torch.autograd.grad(
-            losses, edges, grad_outputs=ones, retain_graph=retain_graph, allow_unused=True
-        )
-    users: dict[int, list[Call]] = {}
-    for c in calls:
-        for e in c.edges:
-            users.setdefault(index[(id(e.node), e.output_nr)], []).append(c)
-    local: dict[int, bool] = {}
-    verdicts: dict[int, Verdict] = {}
-    for j in range(len(edges)):
-        for c in users[j]:
-            if id(c) in rows:  # one gradient edge: the row-shaped kinds have a single output
-                found = discover_row_map(weighted[j], grads[j], weights, rows[id(c)])
-                verdicts[id(c)] = False if found is None else found
-        if any(id(c) not in rows for c in users[j]):
-            local[j] = rows_local(weighted[j], grads[j], weights)
-        weighted[j] = None  # free each weighted gradient once checked
+        grads = torch.autograd.grad(losses, edges, grad_outputs=ones, retain_graph=True, allow_unused=True)
+        _weighted_pass(losses, calls, edges, index, weights, retain_graph, judge)
     for c in calls:
         if id(c) not in rows:
             verdicts[id(c)] = all(local[index[(id(e.node), e.output_nr)]] for e in c.edges)
@@ -115,6 +116,88 @@ def backward_to_outputs(
         c.row_map = v if isinstance(v, Tensor) else None
         c.dys = _dys(c, grads, index)
     return {cid for cid, v in verdicts.items() if v is False}, verdicts
+
+
+def _weighted_pass(
+    losses: Tensor,
+    calls: list[Call],
+    edges: list[Any],
+    index: dict[tuple[int, int], int],
+    weights: Tensor,
+    retain_graph: bool,
+    judge: Callable[[int, Tensor | None], None],
+) -> None:
+    """The backward of ``sum_i w_i l_i``, each output gradient judged as soon as the pass reaches it.
+
+    Asking autograd for every output edge would hold all their gradients until the pass ends: a
+    second set of output gradients on top of the unit pass's, most of the first probe's extra
+    memory. Instead only the edges with no other captured node below them (and the outputs that
+    cannot take a tensor hook) are asked for; the pass must run through every other captured node
+    to reach those, and a hook on its output tensor judges the gradient there and lets it go.
+    """
+    hookable: dict[int, Tensor] = {}
+    for c in calls:
+        if not isinstance(c, ModuleCall):
+            continue  # an elementwise use has no output tensor of its own
+        for k, e in zip(c.grad_idx, c.edges, strict=True):
+            y = c.out_leaves[k]
+            if c.output_unchanged(k) and _same_edge(get_gradient_edge(y), e):
+                hookable[index[(id(e.node), e.output_nr)]] = y
+    above = _nodes_above(losses.grad_fn, {id(e.node) for e in edges})
+    asked = [j for j, e in enumerate(edges) if j not in hookable or above is None or id(e.node) not in above]
+    judged: set[int] = set()
+
+    def hook(j: int, g: Tensor) -> None:
+        judge(j, g)
+        judged.add(j)
+
+    handles = [hookable[j].register_hook(partial(hook, j)) for j in set(hookable) - set(asked)]
+    try:
+        got = torch.autograd.grad(
+            losses,
+            [edges[j] for j in asked],
+            grad_outputs=weights,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    for j, g in zip(asked, got, strict=True):
+        judge(j, g)
+        judged.add(j)
+    for j in set(range(len(edges))) - judged:
+        judge(j, None)  # the pass never reached it: a zero gradient
+
+
+def _same_edge(a: Any, b: Any) -> bool:
+    return a.node is b.node and a.output_nr == b.output_nr
+
+
+def _nodes_above(root: Any, captured: set[int]) -> set[int] | None:
+    """Ids of the graph nodes below ``root`` with a node of ``captured`` strictly below them (None: the
+    graph is larger than ``GRAPH_LIMIT``). One iterative depth-first pass; a DAG, so a child is
+    always finished before its parent."""
+    if root is None:
+        return set()
+    reach: dict[int, bool] = {}
+    keep: list[Any] = []  # holds the node objects, so that their ids stay theirs
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        children = [c for c, _ in node.next_functions if c is not None]
+        if expanded:
+            reach[id(node)] = any(id(c) in captured or reach[id(c)] for c in children)
+            continue
+        if id(node) in reach:
+            continue
+        if len(reach) >= GRAPH_LIMIT:
+            return None
+        reach[id(node)] = False
+        keep.append(node)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in reach)
+    return {k for k, v in reach.items() if v}
 
 
 def _dys(c: Call, grads: tuple, index: dict[tuple[int, int], int]) -> list[Tensor]:

@@ -93,6 +93,44 @@ def test_rows_in_another_order_fail_the_locality_check(method):
     assert cov["head.weight"] != "exact"
 
 
+class Centered(nn.Module):
+    """Examples mixed (centred over the batch) between two Linear layers and a head: the mixing is
+    above ``lin0`` and ``lin1``, below ``head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin0, self.lin1, self.head = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.lin1(torch.tanh(self.lin0(x)))
+        return self.head(torch.tanh(h - h.mean(0, keepdim=True)))
+
+
+def test_the_weighted_pass_judges_each_output_where_it_reaches_it(monkeypatch):
+    # Only the deepest output is asked of autograd (the others are judged by a hook on their tensor
+    # and dropped), and a mixing seen through a hook fails like one seen at the end.
+    torch.manual_seed(0)
+    model = Centered().double()
+    batch = {"x": torch.randn(N, D, dtype=torch.float64), "labels": torch.randint(0, 3, (N,))}
+    asked: list[int] = []
+    grad = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, **kw):
+        if grad_outputs is not None and not bool((grad_outputs == 1).all()):
+            asked.append(len(inputs))
+        return grad(outputs, inputs, grad_outputs=grad_outputs, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    res = probe(model, batch, task_ids=torch.arange(N) % 2, method="materialize")
+    monkeypatch.undo()
+    assert asked[0] == 1  # lin0's output, of the three captured
+    G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
+    _assert_gram(res, G)
+    cov = _coverage(res)
+    assert cov["lin0.weight"] == cov["lin1.weight"] == cov["lin1.bias"] == "exact"
+    assert cov["head.weight"] == "materialized"
+
+
 class FlatPatches(nn.Module):
     """Patches flattened across examples (Qwen2-VL style): ``(n * P, d)`` into a tower, regrouped after.
 
