@@ -6,7 +6,9 @@ example ``i``). A second pass with the distinct weights of :func:`~.example_axis
 verifies that (:func:`~.example_axis.rows_local`), or, for a row-mapped call (one whose dimension 0
 is not the examples, :mod:`.row_map`), discovers which example each row belongs to from the same
 two gradients. It is skipped when earlier verdicts (booleans or row maps) for the same inputs are
-known (:mod:`.axis_cache`). Neither pass computes weight gradients.
+known (:mod:`.axis_cache`). The second pass judges each output's gradient as it reaches it and
+lets it go (:func:`_weighted_pass`), so it adds no second set of output gradients to the first's.
+Neither pass computes weight gradients.
 """
 
 from __future__ import annotations
