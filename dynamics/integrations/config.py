@@ -77,7 +77,7 @@ class RecorderConfig:
         probe_kwargs: passed to :func:`dynamics.probe` (``params``, ``method``, ``hessian``, ...).
         update_direction: log ``update_cosine`` (copies the probed parameters on probe steps).
         flush_seconds: each step's rows, handed to the store at the step's end, reach the disk
-            within this long (or at the next logging step); a SIGKILL loses at most about this much.
+            within this long, whatever the logging cadence; a SIGKILL loses at most about this much.
         sync_every: at most this many closed steps wait for their host copy (memory bound).
         overwrite: replace a run already in ``out_dir`` instead of refusing (a real resume from a
             checkpoint appends without it).

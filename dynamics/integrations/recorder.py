@@ -319,7 +319,7 @@ class Recorder:
         # puts rows on disk within ``flush_seconds`` of being handed over. Handing over only every
         # ``flush_seconds`` let a long next step (a probe, a hung collective) hold rows past that
         # bound, and a kill then lost them (tests/faults/test_sigkill.py, the stalled step).
-        self._handoff(block=self.meter.n_waiting >= self.cfg.sync_every, flush=False)
+        self._handoff(block=self.meter.n_waiting >= self.cfg.sync_every)
 
     def _device_guess(self) -> torch.device | None:
         if self._device is None and self.model is not None:
@@ -329,9 +329,9 @@ class Recorder:
                 pass
         return self._device
 
-    def _handoff(self, block: bool, *, flush: bool = True) -> None:
+    def _handoff(self, block: bool, *, flush: bool = False) -> None:
         """Closed steps whose sums are on the host -> window, counts, store rows; with ``flush``, ask
-        the writer to write now (a logging step) instead of on its own clock."""
+        the writer to write them now (in the background) instead of on its own clock."""
         ready = self.meter.ready(block=block)
         if ready:
             self._account(ready)
@@ -370,7 +370,7 @@ class Recorder:
 
     def sync(self) -> None:
         """Hand every closed step to the store now (waits for their reductions; not a new collective)."""
-        self._handoff(block=True)
+        self._handoff(block=True, flush=True)
 
     def logs(self) -> dict[str, float]:
         """Scalars since the last call, keyed ``dynamics/<name>/<task>``.
@@ -381,7 +381,7 @@ class Recorder:
         """
         # No flush request: the store's clock writes within flush_seconds, and a request at every
         # logging step would write one Parquet part per step at logging_steps=1.
-        self._handoff(block=True, flush=False)
+        self._handoff(block=True)
         out: dict[str, float] = {}
         window = self._window
         for a, task in enumerate(self.tasks):

@@ -5,7 +5,8 @@ resume (``resume_step`` = the checkpoint's step, > 0) or an overwrite; a new tra
 directory that already holds a run is refused by the writer (``RunExistsError``) before the first
 step. Rows are handed to the writer as they become known (the recorder: at every step's end), and
 the writer puts them on disk within ``flush_seconds`` on its own clock; :meth:`StoreSink.request_flush`
-asks it to do so now, in the background (the recorder calls it at every logging step).
+asks it to do so now, in the background (the recorder calls it for probe and evaluation rows and
+at :meth:`~dynamics.integrations.recorder.Recorder.sync`).
 """
 
 from __future__ import annotations

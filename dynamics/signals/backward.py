@@ -25,7 +25,7 @@ from dynamics.signals.axis_cache import Verdict
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.elementwise_uses import ElementwiseUse
 from dynamics.signals.example_axis import check_weights, rows_local
-from dynamics.signals.graph import GRAPH_LIMIT
+from dynamics.signals.graph import ancestors
 from dynamics.signals.row_map import discover_row_map
 
 # What the passes read of either: edges, grad_idx, out_leaves, dys, row_map.
@@ -145,7 +145,7 @@ def _weighted_pass(
             y = c.out_leaves[k]
             if c.output_unchanged(k) and _same_edge(get_gradient_edge(y), e):
                 hookable[index[(id(e.node), e.output_nr)]] = y
-    above = _nodes_above(losses.grad_fn, {id(e.node) for e in edges})
+    above = None if losses.grad_fn is None else ancestors(losses.grad_fn, {id(e.node) for e in edges})
     asked = [j for j, e in enumerate(edges) if j not in hookable or above is None or id(e.node) not in above]
     judged: set[int] = set()
 
@@ -174,32 +174,6 @@ def _weighted_pass(
 
 def _same_edge(a: Any, b: Any) -> bool:
     return a.node is b.node and a.output_nr == b.output_nr
-
-
-def _nodes_above(root: Any, captured: set[int]) -> set[int] | None:
-    """Ids of the graph nodes below ``root`` with a node of ``captured`` strictly below them (None: the
-    graph is larger than ``GRAPH_LIMIT``). One iterative depth-first pass; a DAG, so a child is
-    always finished before its parent."""
-    if root is None:
-        return set()
-    reach: dict[int, bool] = {}
-    keep: list[Any] = []  # holds the node objects, so that their ids stay theirs
-    stack: list[tuple[Any, bool]] = [(root, False)]
-    while stack:
-        node, expanded = stack.pop()
-        children = [c for c, _ in node.next_functions if c is not None]
-        if expanded:
-            reach[id(node)] = any(id(c) in captured or reach[id(c)] for c in children)
-            continue
-        if id(node) in reach:
-            continue
-        if len(reach) >= GRAPH_LIMIT:
-            return None
-        reach[id(node)] = False
-        keep.append(node)
-        stack.append((node, True))
-        stack.extend((c, False) for c in children if id(c) not in reach)
-    return {k for k, v in reach.items() if v}
 
 
 def _dys(c: Call, grads: tuple, index: dict[tuple[int, int], int]) -> list[Tensor]:

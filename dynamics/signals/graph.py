@@ -80,3 +80,19 @@ def node_parents(root: Any, limit: int = GRAPH_LIMIT) -> dict[int, list[tuple[An
                 if len(seen) > limit:
                     return None
     return dict(parents)
+
+
+def ancestors(root: Any, nodes: set[int], limit: int = GRAPH_LIMIT) -> set[int] | None:
+    """Ids of the nodes below ``root`` that have a node of ``nodes`` (ids) strictly below them: the
+    walk of :func:`node_parents`, then upwards from ``nodes``. None past ``limit`` nodes."""
+    parents = node_parents(root, limit)
+    if parents is None:
+        return None
+    found: set[int] = set()
+    stack = list(nodes)
+    while stack:
+        for parent, _ in parents.get(stack.pop(), []):
+            if id(parent) not in found:
+                found.add(id(parent))
+                stack.append(id(parent))
+    return found
