@@ -9,7 +9,8 @@ bias), CPU, 1 thread) is timed, interleaved in one process, for ``step`` (``mode
 (cached)`` (the steady state the hooks pay); printed: medians as multiples of the step's median
 (and the spread of the per-round ratios), the gradient paths (none may be ``exact``) and, with
 ``--memory``, the peak memory above the start of each (PyTorch's memory profiler) and the probe's
-extra peak as a fraction of the step's.
+extra peak as a fraction of the step's; with ``--phases``, where the step's and the steady-state
+probe's time goes (``benchmarks_common.phase_times``).
 """
 
 from __future__ import annotations
@@ -91,8 +92,16 @@ def lm_batch(n: int, seq: int, vocab: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) -> None:
-    from benchmarks_common import interleaved_times, peak_memory, probe_variants, ratio_text, ratios_to
+def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int, phases: bool = False) -> None:
+    from benchmarks_common import (
+        interleaved_times,
+        peak_memory,
+        phase_text,
+        phase_times,
+        probe_variants,
+        ratio_text,
+        ratios_to,
+    )
 
     from dynamics import probe
 
@@ -109,6 +118,8 @@ def measure(arch: str, n: int, seq: int, reps: int, memory: bool, vocab: int) ->
         f"cached {ratio_text(r['cached'])}  cold {ratio_text(r['cold'])}  paths {paths}",
         flush=True,
     )
+    if phases:
+        print(phase_text(phase_times(model, batch, task_ids, reps), indent=" " * 10), flush=True)
     if memory:
         peaks = {k: peak_memory(f) for k, f in variants.items()}
         if all(v is not None for v in peaks.values()):
@@ -134,6 +145,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--memory", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--phases", action="store_true", help="also time the step's halves and the steady-state probe's steps"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.long:
@@ -143,7 +157,7 @@ def main() -> None:
     )
     for seq in args.seq:
         for arch in args.archs.split(","):
-            measure(arch, args.n, seq, args.reps, args.memory, args.vocab)
+            measure(arch, args.n, seq, args.reps, args.memory, args.vocab, args.phases)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,21 @@ import argparse
 import statistics
 
 import torch
-from benchmarks_common import interleaved_times, path_counts, probe_variants, ratio_text, ratios_to, zoo_case
+from benchmarks_common import (
+    interleaved_times,
+    path_counts,
+    phase_text,
+    phase_times,
+    probe_variants,
+    ratio_text,
+    ratios_to,
+    zoo_case,
+)
 
 from dynamics.experiments.imax_dmax.zoo import ARCHITECTURES
 
 
-def measure(name: str, n: int, reps: int) -> tuple[float, float, int]:
+def measure(name: str, n: int, reps: int, phases: bool = False) -> tuple[float, float, int]:
     """Print one architecture's line; return (cached ratio, cold ratio, parameters on the exact path)."""
     from dynamics import probe
 
@@ -44,6 +53,8 @@ def measure(name: str, n: int, reps: int) -> tuple[float, float, int]:
     print(
         f"{'':10s} paths, tensors (elements): " + ", ".join(f"{k} {v}" for k, v in counts.items()), flush=True
     )
+    if phases:
+        print(phase_text(phase_times(model, batch, task_ids, reps), indent=" " * 11), flush=True)
     return r["cached"][0], r["cold"][0], len(coverage.get("exact", []))
 
 
@@ -53,6 +64,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=32, help="probe batch size")
     parser.add_argument("--reps", type=int, default=5, help="timed rounds")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--phases", action="store_true", help="also time the step's halves and the steady-state probe's steps"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -66,7 +80,7 @@ def main() -> None:
         f"CPU, {args.threads} thread(s), float32, reproduction dims ('full' preset), "
         f"medians of {args.reps} interleaved rounds (ratio range over rounds; fastest call over fastest step)"
     )
-    results = {a: measure(a, args.n, args.reps) for a in names}
+    results = {a: measure(a, args.n, args.reps, args.phases) for a in names}
     worst_cached = max(results, key=lambda a: results[a][0])
     worst_cold = max(results, key=lambda a: results[a][1])
     print(

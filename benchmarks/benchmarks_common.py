@@ -131,3 +131,94 @@ def probe_variants(model, batch, task_ids) -> dict:
         probe(model, batch, task_ids=task_ids)
 
     return {"step": step, "cold": cold, "cached": cached}
+
+
+# The steady-state probe's steps, in the order it runs them: (module, function, label). Timed by
+# wrapping those functions for the length of one measurement; a renamed function fails loudly here.
+PROBE_PHASES = (
+    ("dynamics.probing", "per_example_losses", "forward (hooked)"),
+    ("dynamics.signals.gram", "plan", "plan"),
+    ("dynamics.signals.gram", "_known_verdicts", "verdict lookup"),
+    ("dynamics.signals.gram", "backward_to_outputs", "backward to outputs"),
+    ("dynamics.signals.gram", "_add_factored", "factored products"),
+    ("dynamics.signals.gram", "_add_elementwise", "closed-form rules"),
+    ("dynamics.signals.gram", "_add_modules", "module-local"),
+    ("dynamics.signals.gram", "_add_exact", "exact"),
+)
+
+
+def phase_times(model, batch, task_ids, reps: int) -> dict[str, list[float]]:
+    """Seconds per round of a training step's two halves and of the steady-state probe's steps.
+
+    Each round runs a step (``forward``, then ``backward`` with ``zero_grad``) and then a probe with
+    cached example-axis verdicts, whose :data:`PROBE_PHASES` are timed inside it; ``probe: rest`` is
+    what the probe spends outside them (signals from the Gram, checks, bookkeeping). The step's
+    backward less the probe's backward to the layer outputs estimates the step's weight-gradient
+    GEMMs, the work the probe's per-example products and Gram replace.
+    """
+    import importlib
+    import time
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from dynamics import probe
+
+    spent: dict[str, float] = {}
+
+    def timed(fn, label):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        return run
+
+    def step() -> tuple[float, float]:
+        model.train()
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        mid = time.perf_counter()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return mid - start, time.perf_counter() - mid
+
+    times: dict[str, list[float]] = {k: [] for k in ("step", "step: forward", "step: backward", "probe")}
+    times.update({f"probe: {label}": [] for _, _, label in PROBE_PHASES})
+    times["probe: rest"] = []
+    with ExitStack() as patches:
+        for module, name, label in PROBE_PHASES:
+            mod = importlib.import_module(module)
+            patches.enter_context(mock.patch.object(mod, name, timed(getattr(mod, name), label)))
+        step()
+        probe(model, batch, task_ids=task_ids)  # warm-up, and the verdicts the rounds reuse
+        for _ in range(reps):
+            fwd, bwd = step()
+            times["step"].append(fwd + bwd)
+            times["step: forward"].append(fwd)
+            times["step: backward"].append(bwd)
+            spent.clear()
+            start = time.perf_counter()
+            probe(model, batch, task_ids=task_ids)
+            total = time.perf_counter() - start
+            times["probe"].append(total)
+            for _, _, label in PROBE_PHASES:
+                times[f"probe: {label}"].append(spent.get(label, 0.0))
+            times["probe: rest"].append(total - sum(spent.values()))
+    return times
+
+
+def phase_text(times: dict[str, list[float]], indent: str = "") -> str:
+    """:func:`phase_times` as lines of medians in ms and as fractions of the step's median."""
+    import statistics
+
+    step = statistics.median(times["step"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lines = [f"{indent}{k:30s} {1e3 * m:8.1f} ms  {m / step:5.2f} of a step" for k, m in med.items() if m > 0]
+    wgrad = med["step: backward"] - med["probe: backward to outputs"]
+    lines.append(
+        f"{indent}{'step weight gradients (est.)':30s} {1e3 * wgrad:8.1f} ms  {wgrad / step:5.2f} of a step"
+        " (step backward - probe backward to outputs)"
+    )
+    return "\n".join(lines)

@@ -11,8 +11,6 @@ at :meth:`~dynamics.integrations.recorder.Recorder.sync`).
 
 from __future__ import annotations
 
-import inspect
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,16 +44,6 @@ def step_rows(steps: Sequence[StepSums], tasks: Sequence[str]) -> list[Row]:
     return rows
 
 
-def _accepted(cls: Any, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options ``cls.__init__`` takes (the store grows ``resume_step`` / ``overwrite`` /
-    ``flush_seconds``; older writers lack them)."""
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return {}
-    return {k: v for k, v in options.items() if k in params}
-
-
 class StoreSink:
     """Rank 0's run writer (or nothing: no ``out_dir``, or another rank).
 
@@ -86,7 +74,6 @@ class StoreSink:
         self.main_process = True
         self.resume_step: int | None = None
         self._writer: Any = None
-        self._last_flush = time.monotonic()
 
     def open(self) -> Any:
         """The writer, opened on first use on the main process (else ``None``)."""
@@ -94,16 +81,15 @@ class StoreSink:
             return self._writer
         from dynamics.store.writer import RunWriter
 
-        options = _accepted(
-            RunWriter,
-            {
-                "resume_step": self.resume_step if self.resume_step else None,
-                "overwrite": self.overwrite,
-                "flush_seconds": self.flush_seconds,
-            },
+        self._writer = RunWriter(
+            self.out_dir,
+            tasks=self.tasks,
+            tags=self.tags,
+            meta=self.meta,
+            resume_step=self.resume_step if self.resume_step else None,
+            overwrite=self.overwrite,
+            flush_seconds=self.flush_seconds,
         )
-        self._writer = RunWriter(self.out_dir, tasks=self.tasks, tags=self.tags, meta=self.meta, **options)
-        self._last_flush = time.monotonic()
         return self._writer
 
     @property
@@ -124,20 +110,9 @@ class StoreSink:
             writer.log_scores(scores)
 
     def request_flush(self) -> None:
-        """Ask the writer to write its buffered rows now, in the background (never waits on disk).
-
-        A writer without ``request_flush`` (before the store's background flushing) is flushed
-        synchronously instead, at most once per ``flush_seconds``: the same durability bound, and
-        no Parquet part per logging step.
-        """
-        if self._writer is None:
-            return
-        request = getattr(self._writer, "request_flush", None)
-        if callable(request):
-            request()
-        elif time.monotonic() - self._last_flush >= self.flush_seconds:
-            self._writer.flush()
-            self._last_flush = time.monotonic()
+        """Ask the writer to write its buffered rows now, in the background (never waits on disk)."""
+        if self._writer is not None:
+            self._writer.request_flush()
 
     def flush(self) -> None:
         if self._writer is not None:
