@@ -238,6 +238,16 @@ def test_discover_row_map_names_each_rows_example_and_rejects_mixtures():
     cancel[1] = u[0]  # zero unit gradient, non-zero weighted one: examples cancel on the row
     assert discover_row_map(cancel, u, c, 7) is None
     assert discover_row_map(w, u, check_weights(33, u), 7) is None
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for which in ("unit", "weighted"):
+            uu, ww = u.clone(), w.clone()
+            (uu if which == "unit" else ww)[4, 2] = bad
+            assert discover_row_map(ww, uu, c, 7) is None, (bad, which)
+    # the largest |u| of a row may be negative: its ratio names the example as well
+    neg = u.clone()
+    neg[0] = torch.tensor([0.1, -3.0, 0.2, 1.0], dtype=torch.float64)
+    found = discover_row_map(c[owner].unsqueeze(1) * neg, neg, c, 7)
+    assert found is not None and found.tolist() == [3, -1, 5, 5, 2, 0, 4]
 
 
 def test_example_layout_and_sum_rows_group_rows_by_example():
