@@ -145,9 +145,10 @@ def discover_row_map(
     j = 2 * k + (ratio < 0).to(k.dtype)
     in_range = (j >= 0) & (j < n)
     e = torch.where(in_range, j, torch.zeros_like(j)).long()  # a NaN ratio (NaN in w) is out of range
-    diff = torch.addcmul(w, u, c[e].unsqueeze(1), value=-1.0)
+    ce = c[e]
+    diff = torch.addcmul(w, u, ce.unsqueeze(1), value=-1.0)
     err = torch.maximum(-diff.amin(1), diff.amax(1))  # max_k |w_rk - c_e u_rk|
-    scale = c[e].abs() * m  # max_k |c_e u_rk|, exactly
+    scale = ce.abs() * m  # max_k |c_e u_rk|, exactly
     tol = locality_tolerance(u.dtype)
     ok = live & in_range & (err <= tol * scale)
     if not bool(live.all()):
