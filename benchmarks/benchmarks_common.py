@@ -210,7 +210,8 @@ def phase_times(model, batch, task_ids, reps: int) -> dict[str, list[float]]:
 
 
 def phase_text(times: dict[str, list[float]], indent: str = "") -> str:
-    """:func:`phase_times` as lines of medians in ms and as fractions of the step's median."""
+    """:func:`phase_times` as lines of medians in ms and as fractions of the step's median, then the
+    steady-state probe's floor: the step with its weight-gradient GEMMs replaced by the products."""
     import statistics
 
     step = statistics.median(times["step"])
@@ -220,5 +221,12 @@ def phase_text(times: dict[str, list[float]], indent: str = "") -> str:
     lines.append(
         f"{indent}{'step weight gradients (est.)':30s} {1e3 * wgrad:8.1f} ms  {wgrad / step:5.2f} of a step"
         " (step backward - probe backward to outputs)"
+    )
+    # The probe runs the step's forward and activation backward and, instead of the weight-gradient
+    # GEMMs, the per-example products and Gram: 1 + (products - weight gradients) / step at best.
+    floor = 1 + (med["probe: factored products"] - wgrad) / step
+    lines.append(
+        f"{indent}{'floor (est.)':30s} {floor:5.2f}x a step (1 + (factored products - step weight gradients)"
+        f" / step), against the probe's {med['probe'] / step:.2f}x here"
     )
     return "\n".join(lines)

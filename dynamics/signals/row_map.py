@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from dynamics.signals.calls import ModuleCall
 from dynamics.signals.example_axis import WEIGHT_PERIOD, locality_tolerance
@@ -159,29 +160,72 @@ def discover_row_map(
     return torch.where(live, e, torch.full_like(e, -1))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where :func:`example_layout` puts the rows of one row map (computed once per map, see ``_layout``)."""
+
+    n: int
+    r_max: int  # the most rows of one example (at least 1)
+    version: int  # the map's ``_version`` when this was computed: an in-place change invalidates it
+    keep: Tensor | None  # the rows kept (mapped to an example); None: every row
+    examples: Tensor | None  # the example of each kept row; None: the map itself (every row kept)
+    dest: Tensor | None  # each kept row's position in the flat (n * r_max) layout; None: already there
+
+
+# Layouts by row map: a verdict's map is reused by every later probe (:mod:`.axis_cache`) and by
+# both factors of each of its calls, and building the index (a sort, a count, a scatter) cost
+# more than the products it feeds on Qwen2-VL's small vision tower (~0.1 of a training step).
+_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _layout(row_map: Tensor, n: int) -> _Layout:
+    known = _LAYOUTS.get(row_map)
+    if known is not None and known.n == n and known.version == row_map._version:
+        return known
+    kept = row_map >= 0
+    keep = None if bool(kept.all()) else kept.nonzero().squeeze(1)
+    ex = row_map if keep is None else row_map[keep]
+    counts = torch.bincount(ex, minlength=n)
+    r_max = max(1, int(counts.max())) if ex.numel() else 1
+    dest = None
+    # every row kept, r_max per example, in example order (equal-sized images in batch order, the
+    # usual case): the layout is a reshape
+    if keep is not None or ex.numel() != n * r_max or bool((ex[1:] < ex[:-1]).any()):
+        order = torch.argsort(ex, stable=True)
+        by_example = ex[order]
+        starts = torch.cumsum(counts, 0) - counts
+        dest = torch.empty_like(ex)
+        dest[order] = by_example * r_max + torch.arange(ex.numel(), device=ex.device) - starts[by_example]
+    # not the map itself as ``examples``: a value holding its key would keep it alive
+    layout = _Layout(n, r_max, row_map._version, keep, None if keep is None else ex, dest)
+    _LAYOUTS[row_map] = layout
+    return layout
+
+
 def example_layout(rows: Tensor, row_map: Tensor, n: int) -> Tensor:
     """``(R, ...)`` rows as ``(n, R_max, ...)``: example ``i``'s rows in order, then zero padding.
 
     Rows mapped to ``-1`` are dropped. ``R_max`` (at least 1) is the most rows of one example.
+    When every example has ``R_max`` rows, in order, the result is a view of ``rows``.
     """
-    keep = (row_map >= 0).nonzero().squeeze(1)
-    ex = row_map[keep]
-    order = torch.argsort(ex, stable=True)
-    keep, ex = keep[order], ex[order]
-    counts = torch.bincount(ex, minlength=n)
-    r_max = max(1, int(counts.max())) if ex.numel() else 1
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(ex.numel(), device=ex.device) - starts[ex]
-    out = rows.new_zeros((n, r_max, *rows.shape[1:]))
-    out[ex, pos] = rows[keep.to(rows.device)]
-    return out
+    lay = _layout(row_map, n)
+    src = rows if lay.keep is None else rows[lay.keep.to(rows.device)]
+    if lay.dest is None:
+        return src.reshape(n, lay.r_max, *rows.shape[1:])
+    out = rows.new_zeros((n * lay.r_max, *rows.shape[1:]))
+    out.index_copy_(0, lay.dest.to(rows.device), src)
+    return out.view(n, lay.r_max, *rows.shape[1:])
 
 
 def sum_rows(per_row: Tensor, row_map: Tensor, n: int) -> Tensor:
     """``(n, ...)`` per-example sums of per-row gradients ``(R, ...)`` (rows mapped to ``-1`` dropped)."""
-    keep = (row_map >= 0).nonzero().squeeze(1)
+    lay = _layout(row_map, n)
+    if lay.dest is None:
+        return per_row.reshape(n, lay.r_max, *per_row.shape[1:]).sum(1)
+    src = per_row if lay.keep is None else per_row[lay.keep.to(per_row.device)]
     out = per_row.new_zeros((n, *per_row.shape[1:]))
-    return out.index_add_(0, row_map[keep].to(out.device), per_row[keep.to(per_row.device)])
+    examples = row_map if lay.examples is None else lay.examples
+    return out.index_add_(0, examples.to(out.device), src)
 
 
 def reusable(verdict: bool | Tensor) -> bool:

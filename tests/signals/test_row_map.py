@@ -57,9 +57,10 @@ class FlatRows(nn.Module):
         return self.head(x + pooled)
 
 
-def _batch(n: int, seed: int = 0):
+def _batch(n: int, seed: int = 0, in_order: bool = False):
+    """``in_order``: two rows per example in batch order (equal-sized images), else :func:`_owners`."""
     gen = torch.Generator().manual_seed(seed)
-    owner = _owners(n, seed)
+    owner = torch.arange(n).repeat_interleave(2) if in_order else _owners(n, seed)
     r = owner.numel()
     return {
         "x": torch.randn(n, D, generator=gen, dtype=torch.float64),
@@ -78,12 +79,13 @@ def _probe_and_ref(model, batch, n):
 TOWER = ["emb.weight", "norm.bias", "norm.weight", "tower.bias", "tower.weight"]
 
 
+@pytest.mark.parametrize("in_order", [False, True])
 @pytest.mark.parametrize("method", ["auto", "ghost", "materialize"])
-def test_rows_of_one_example_each_are_row_mapped(method):
+def test_rows_of_one_example_each_are_row_mapped(method, in_order):
     torch.manual_seed(0)
     n = 6
     model = FlatRows(n).double()
-    batch = _batch(n)
+    batch = _batch(n, in_order=in_order)
     G, _, _ = ref_grads(model, batch, list(model.parameters()), "classification")
     res = probe(model, batch, task_ids=torch.arange(n) % 2, method=method)
     assert_gram(res, G)
@@ -260,6 +262,39 @@ def test_example_layout_and_sum_rows_group_rows_by_example():
     assert lay[2].tolist() == [[0, 1], [6, 7], [10, 11]]
     sums = sum_rows(rows, row_map, 4)
     assert torch.equal(sums, lay.sum(1))
+
+
+def _layout_by_loop(rows: torch.Tensor, row_map: torch.Tensor, n: int) -> torch.Tensor:
+    per = [[rows[r] for r in range(len(row_map)) if int(row_map[r]) == i] for i in range(n)]
+    r_max = max(1, *(len(p) for p in per))
+    out = torch.zeros(n, r_max, *rows.shape[1:], dtype=rows.dtype)
+    for i, p in enumerate(per):
+        for k, row in enumerate(p):
+            out[i, k] = row
+    return out
+
+
+@pytest.mark.parametrize(
+    "row_map",
+    [
+        torch.arange(4).repeat_interleave(3),  # in order, equal counts: a view
+        torch.arange(4).repeat(3),  # interleaved
+        torch.tensor([0, 0, 1, 1, 1, 3, 3]),  # in order, unequal, example 2 empty
+        torch.tensor([1, -1, 0, 0, -1, 1]),  # dropped rows
+        torch.full((3,), -1),  # no row kept
+    ],
+)
+def test_example_layout_and_sum_rows_match_a_loop_and_follow_changes_to_the_map(row_map):
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(len(row_map), 3, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 9, (len(row_map),), generator=gen)
+    for _ in range(2):  # the second call reads the cached layout
+        assert torch.equal(example_layout(rows, row_map, 4), _layout_by_loop(rows, row_map, 4))
+        assert torch.equal(example_layout(ids, row_map, 4), _layout_by_loop(ids, row_map, 4))
+        torch.testing.assert_close(sum_rows(rows, row_map, 4), _layout_by_loop(rows, row_map, 4).sum(1))
+    row_map[0] = 2 if int(row_map[0]) == 3 else 3  # a map edited in place is not served from the cache
+    assert torch.equal(example_layout(rows, row_map, 4), _layout_by_loop(rows, row_map, 4))
+    torch.testing.assert_close(sum_rows(rows, row_map, 4), _layout_by_loop(rows, row_map, 4).sum(1))
 
 
 def test_row_maps_from_the_single_batched_backward_of_fsdp1_and_zero3(monkeypatch):
