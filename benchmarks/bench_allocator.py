@@ -73,8 +73,9 @@ def main() -> None:
         str(args.n),
         "--seq",
         str(args.seq),
+        "--reps",
+        str(args.reps),
     ]
-    cmd += ["--reps", str(args.reps)]
     for _ in range(args.pairs):
         for name, extra in settings.items():
             env = {k: v for k, v in os.environ.items() if k not in KEEP_MAPPED} | extra

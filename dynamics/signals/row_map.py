@@ -168,7 +168,6 @@ class _Layout:
     r_max: int  # the most rows of one example (at least 1)
     version: int  # the map's ``_version`` when this was computed: an in-place change invalidates it
     keep: Tensor | None  # the rows kept (mapped to an example); None: every row
-    examples: Tensor | None  # the example of each kept row; None: the map itself (every row kept)
     dest: Tensor | None  # each kept row's position in the flat (n * r_max) layout; None: already there
 
 
@@ -196,8 +195,8 @@ def _layout(row_map: Tensor, n: int) -> _Layout:
         starts = torch.cumsum(counts, 0) - counts
         dest = torch.empty_like(ex)
         dest[order] = by_example * r_max + torch.arange(ex.numel(), device=ex.device) - starts[by_example]
-    # not the map itself as ``examples``: a value holding its key would keep it alive
-    layout = _Layout(n, r_max, row_map._version, keep, None if keep is None else ex, dest)
+    # nothing here may hold the map itself: a value holding its key would keep it alive
+    layout = _Layout(n, r_max, row_map._version, keep, dest)
     _LAYOUTS[row_map] = layout
     return layout
 
@@ -222,9 +221,11 @@ def sum_rows(per_row: Tensor, row_map: Tensor, n: int) -> Tensor:
     lay = _layout(row_map, n)
     if lay.dest is None:
         return per_row.reshape(n, lay.r_max, *per_row.shape[1:]).sum(1)
-    src = per_row if lay.keep is None else per_row[lay.keep.to(per_row.device)]
+    if lay.keep is None:
+        examples, src = row_map, per_row
+    else:
+        examples, src = row_map[lay.keep], per_row[lay.keep.to(per_row.device)]
     out = per_row.new_zeros((n, *per_row.shape[1:]))
-    examples = row_map if lay.examples is None else lay.examples
     return out.index_add_(0, examples.to(out.device), src)
 
 
